@@ -1,0 +1,1 @@
+"""Flax models that read diffusers / transformers checkpoints: U-Net, VAE, CLIP text encoder."""
