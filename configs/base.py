@@ -1,0 +1,109 @@
+"""Shared defaults of every D3PO editing config (Image-Editing Specialists, paper Sec. 4).
+
+Not run directly: each edit's config (e.g. `d3po_snow.py`) starts from `get_config()` here and
+sets its instruction, segmentation prompt and style. Every key exists here, so a typo in a
+`--config.x.y=...` override is an error.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "runs/default"          # checkpoints, logs, image grids
+    c.resume = True                     # continue from the newest checkpoint in workdir
+
+    c.model = ml_collections.ConfigDict()
+    c.model.checkpoint = ""             # diffusers-format InstructPix2Pix folder; "" = embedded tiny random one
+    c.model.dtype = "float32"           # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.style_adapter = True        # 12-channel Specialists model with the style cross-attention adapter
+    c.model.adapter_dim = 320
+    c.model.adapter_heads = 8
+    c.model.remat = False
+
+    c.edit = ml_collections.ConfigDict()
+    c.edit.instruction = ""             # e.g. "make it snowy"
+    c.edit.segment = "road"             # text prompt of the edit region (Grounded-SAM in the scorer process)
+    c.edit.style = ""                   # style name (generated data) / style folder (real data)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.images = ""                  # folder or list file of input images
+    c.data.masks = ""                   # folder of masks with the same stems ("" = whole frame)
+    c.data.styles = ""                  # folder of style images, cycled (the paper uses 5)
+    c.data.resolution = 256
+    c.data.max_bad_files = 10
+    c.data.worker_count = 0
+    c.data.generate = 0                 # > 0: write this many generated road scenes to workdir/data and use them
+    c.data.generate_styles = 5
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.steps = 20                 # DDIM steps per trajectory (D3PO default)
+    c.sample.eta = 1.0
+    c.sample.guidance_text = 7.5
+    c.sample.guidance_image = 1.5
+    c.sample.guidance_style = 3.0
+    c.sample.batch_size = 16            # global images per sampling call (split over devices)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.mode = "full"               # full | lora
+    c.train.lora_rank = 4
+    c.train.lora_alpha = 4.0
+    c.train.updates = 40                # the paper uses 15-40 updates
+    c.train.samples_per_update = 512    # 256 pairs
+    c.train.micro_batch = 8             # pairs per gradient micro-batch (accumulated)
+    c.train.timestep_fraction = 1.0     # fraction of the trajectory's steps trained
+    c.train.lr = 3e-5
+    c.train.weight_decay = 1e-4
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.max_grad_norm = 1.0
+    c.train.beta = 0.1                  # D3PO beta
+    c.train.clip_eps = 0.1              # ratio clip
+    c.train.max_nonfinite = 3           # abort after this many skipped (non-finite) updates in a row
+
+    c.score = ml_collections.ConfigDict()
+    c.score.scorer = "simple"           # weight-free in-process scorer; "torch" = scorer process
+    c.score.structural = "edges"        # edges | depth
+    c.score.lam = 0.05                  # lambda of the masked pixel L2 term
+    c.score.alpha = 1.0                 # weight of the semantic advantage
+    c.score.ranking = "sum"             # sum | pareto
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 1
+    c.log.images_every = 5
+    c.log.tensorboard = True
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 5
+    c.checkpoint.keep = 3
+    return c
+
+
+def edit_config(instruction: str, style: str, *, segment: str = "road", variant: str = "") -> ml_collections.ConfigDict:
+    """Config of one paper edit; `variant` "tiny" gives the embedded default (see `tiny`)."""
+    c = get_config()
+    c.edit.instruction, c.edit.style, c.edit.segment = instruction, style, segment
+    c.workdir = f"runs/d3po_{style}" + (f"_{variant}" if variant else "")
+    if variant == "tiny":
+        tiny(c)
+    elif variant:
+        raise ValueError(f"unknown config variant {variant!r} (known: tiny)")
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The embedded default: tiny RANDOM checkpoint, generated road scenes, minutes on 2 CPU cores."""
+    c.model.checkpoint = ""
+    c.model.adapter_dim, c.model.adapter_heads = 16, 2
+    c.data.generate, c.data.generate_styles = 32, 5
+    c.data.resolution = 64
+    c.sample.steps = 6
+    c.sample.batch_size = 16
+    c.train.updates = 30
+    c.train.samples_per_update = 16
+    c.train.micro_batch = 8
+    c.train.lr = 1e-4
+    c.checkpoint.every = 10
+    c.log.images_every = 10
+    return c
+
