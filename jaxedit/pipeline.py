@@ -44,16 +44,18 @@ class EditPipeline:
     text_params: Any
     tokenizer: Any
     schedule: Schedule
+    scheduler_config: dict
     style: bool = False
 
     def __post_init__(self):
         self._encode_text = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids)[0])
         self._encode_image = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method=self.vae.encode).mode())
         self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=self.vae.decode))
+        # The sampler's denoiser (guidance included): build once, its jit is keyed on this object.
         if self.style:
-            self._denoise = guidance.specialist_denoiser(lambda p, *a: self.unet.apply({"params": p}, *a))
+            self.denoise = guidance.specialist_denoiser(lambda p, *a: self.unet.apply({"params": p}, *a))
         else:
-            self._denoise = guidance.ip2p_denoiser(lambda p, *a: self.unet.apply({"params": p}, *a))
+            self.denoise = guidance.ip2p_denoiser(lambda p, *a: self.unet.apply({"params": p}, *a))
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, variant: str | None = None) -> "EditPipeline":
@@ -69,12 +71,40 @@ class EditPipeline:
             unet = style_adapter.StyleConditionedUNet(ckpt.unet.config, adapter.config, dtype)
             params = {"unet": ckpt.unet_params, "style_adapter": adapter_params}
             return cls(unet, params, ckpt.vae, ckpt.vae_params, ckpt.text_encoder, ckpt.text_params,
-                       ckpt.tokenizer, schedule, style=True)
+                       ckpt.tokenizer, schedule, ckpt.scheduler_config, style=True)
         if ckpt.unet.config.in_channels != 8:
             raise CheckpointError(f"{path}: an InstructPix2Pix U-Net takes 8 input channels, "
                                   f"got in_channels={ckpt.unet.config.in_channels}")
         return cls(ckpt.unet, ckpt.unet_params, ckpt.vae, ckpt.vae_params, ckpt.text_encoder,
-                   ckpt.text_params, ckpt.tokenizer, schedule)
+                   ckpt.text_params, ckpt.tokenizer, schedule, ckpt.scheduler_config)
+
+    def with_style_adapter(self, config: style_adapter.Config | None = None, *, key) -> "EditPipeline":
+        """This InstructPix2Pix pipeline turned into a fresh Specialists one (12 channels + adapter).
+
+        The new conv_in channels are zero, so it edits exactly as before until it is trained.
+        """
+        if self.style:
+            raise ValueError("this pipeline already has a style adapter")
+        unet, params = style_adapter.from_instruct_pix2pix(self.unet.config, self.denoiser_params, config, key=key,
+                                                           dtype=self.unet.dtype)
+        return dataclasses.replace(self, unet=unet, denoiser_params=params, style=True)
+
+    def save_pretrained(self, folder: str, denoiser_params=None) -> None:
+        """Writes a checkpoint folder that `from_pretrained` loads (diffusers layout; the U-Net,
+        VAE and text encoder load in diffusers/transformers too; plus ``style_adapter/``)."""
+        import json
+        params = self.denoiser_params if denoiser_params is None else denoiser_params
+        unet_params = params["unet"] if self.style else params
+        config = self.unet.unet_config if self.style else self.unet.config
+        load.export_unet(unet_params, config, os.path.join(folder, "unet"))
+        if self.style:
+            load.export_model(params["style_adapter"], self.unet.adapter_config, os.path.join(folder, "style_adapter"))
+        load.export_model(self.vae_params, self.vae.config, os.path.join(folder, "vae"))
+        load.export_model(self.text_params, self.text_encoder.config, os.path.join(folder, "text_encoder"))
+        self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+        os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+        with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(self.scheduler_config, f, indent=2)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -131,7 +161,7 @@ class EditPipeline:
                                            1.0, guidance_text, guidance_image, guidance_style)
         else:
             cond = guidance.IP2PCond(image_latents, text_emb, uncond, guidance_text, guidance_image)
-        z0 = sampling.sample(self._denoise, self.denoiser_params, cond, self.schedule, jnp.asarray(latents),
+        z0 = sampling.sample(self.denoise, self.denoiser_params, cond, self.schedule, jnp.asarray(latents),
                              jax.random.key(seed), steps=steps, sampler=sampler, eta=eta, noises=jnp.asarray(noises))
         return self.decode(z0)
 

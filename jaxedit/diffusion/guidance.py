@@ -122,21 +122,27 @@ class SpecialistCond(NamedTuple):
     s_style: Any = 3.0
 
 
+def _row_timesteps(t, batch: int, blocks: int):
+    """Timestep () or (B,) -> (blocks·B,) for block-stacked guidance rows."""
+    t = jnp.asarray(t)
+    return jnp.tile(jnp.broadcast_to(t, (batch,)), blocks)
+
+
 def ip2p_denoiser(apply_fn: Callable) -> Callable:
-    """Sampler denoiser ``(params, IP2PCond, x (B,h,w,4), t ()) -> eps (B,h,w,4)``.
+    """Sampler denoiser ``(params, IP2PCond, x (B,h,w,4), t () or (B,)) -> eps (B,h,w,4)``.
 
     apply_fn(params, sample (3B,h,w,8), timesteps (3B,), context (3B,L,D)) -> eps (3B,h,w,4).
     Build it once and reuse the same object: the sampler's jit is keyed on it.
     """
     def denoise(params, cond: IP2PCond, x, t):
         model_in, context = ip2p_rows(x, cond.image_latents, cond.text_emb, cond.uncond_emb)
-        ts = jnp.broadcast_to(t, (model_in.shape[0],))
+        ts = _row_timesteps(t, x.shape[0], 3)
         return ip2p_combine(apply_fn(params, model_in, ts, context), cond.s_text, cond.s_image)
     return denoise
 
 
 def specialist_denoiser(apply_fn: Callable) -> Callable:
-    """Sampler denoiser ``(params, SpecialistCond, x (B,h,w,4), t ()) -> eps (B,h,w,4)``.
+    """Sampler denoiser ``(params, SpecialistCond, x (B,h,w,4), t () or (B,)) -> eps (B,h,w,4)``.
 
     apply_fn(params, z, image, style, timesteps (4B,), context, style_keep (4B,)) -> eps (4B,h,w,4)
     (the argument order of ``StyleConditionedUNet``). Build once and reuse.
@@ -144,7 +150,7 @@ def specialist_denoiser(apply_fn: Callable) -> Callable:
     def denoise(params, cond: SpecialistCond, x, t):
         r = specialist_rows(x, cond.image_latents, cond.style_latents, cond.text_emb, cond.uncond_emb,
                             cond.style_keep)
-        ts = jnp.broadcast_to(t, (r.z.shape[0],))
+        ts = _row_timesteps(t, x.shape[0], 4)
         eps = apply_fn(params, r.z, r.image, r.style, ts, r.context, r.style_keep)
         return specialist_combine(eps, cond.s_text, cond.s_image, cond.s_style)
     return denoise
