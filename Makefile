@@ -1,4 +1,4 @@
-# `make demo`: set up .venv and run the main job on the embedded tiny checkpoint.
+# `make demo`: set up .venv, run the main job (D3PO) on the embedded tiny RANDOM checkpoint, edit with it.
 # `make test`: set up .venv and run the test suite (what CI runs).
 PYTHON ?= python3.11
 VENV := .venv
@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: setup demo test bench
 setup: $(VENV)/.installed
 
+DEMO := outputs/d3po_snow_tiny
 demo: setup
-	$(PY) -m jaxedit.demo --out=outputs/demo
+	$(PY) -m jaxedit.train --config=configs/d3po_snow.py:tiny --config.workdir=$(DEMO)
+	$(PY) -m jaxedit.sample --checkpoint=$(DEMO)/model --image=$(DEMO)/data/images --out=$(DEMO)/edited \
+		--instruction="add snow on the road" --style=$(DEMO)/data/styles/snow/snow_00.png --steps=20
+	@echo "trained model: $(DEMO)/model  edits: $(DEMO)/edited  (RANDOM weights: the edits are noise)"
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests

@@ -146,6 +146,8 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
+    from jaxedit.runtime import enable_compilation_cache
+    enable_compilation_cache()
     try:
         for name in ("checkpoint", "image", "out"):
             if not getattr(FLAGS, name):
