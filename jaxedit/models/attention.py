@@ -13,16 +13,66 @@ Dtype = Any
 ATTENTION_PROBS = "attention_probs"
 
 
+#: On CPU, attention whose per-head logits have at least this many entries is computed one
+#: head (and one block of queries) at a time, so that the logits stay in cache.
+CPU_BLOCK_LOGITS = 1 << 18
+
+
 def attention(q, k, v, *, upcast: bool = False):
     """Scaled dot-product attention. q (B,N,H,D), k/v (B,M,H,D) -> (B,N,H,D).
 
-    Uses `jax.nn.dot_product_attention` (cuDNN / TPU kernels when available). `upcast` computes
-    in fp32 (diffusers' ``upcast_attention`` / ``upcast_softmax``) and casts back.
+    Uses `jax.nn.dot_product_attention` (cuDNN / TPU kernels when available) on accelerators and
+    `_attention_cpu` on CPU (same math, ~3x faster there). `upcast` computes in fp32 (diffusers'
+    ``upcast_attention`` / ``upcast_softmax``) and casts back.
     """
     dtype = q.dtype
     if upcast and dtype != jnp.float32:
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    if jax.default_backend() == "cpu":
+        return _attention_cpu(q, k, v).astype(dtype)
     return jax.nn.dot_product_attention(q, k, v).astype(dtype)
+
+
+def _softmax_attend(q, k, v):
+    """softmax(q k^T) v over the last two axes, q (..., n, d), k/v (..., m, d); q is pre-scaled.
+
+    Logits and softmax statistics in fp32; the normalisation divides the (n, d) output rather
+    than the (n, m) probabilities.
+    """
+    logits = jnp.einsum("...nd,...md->...nm", q, k, preferred_element_type=jnp.float32)
+    e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    out = jnp.einsum("...nm,...md->...nd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out / e.sum(axis=-1, keepdims=True)
+
+
+def _attention_cpu(q, k, v):
+    """`jax.nn.dot_product_attention`'s math laid out for XLA:CPU.
+
+    Heads go first ((B*H, N, D) matmuls); the 1/sqrt(D) scale is applied to q, not to the
+    logits; large attention (self-attention over >= 512 tokens) loops over heads and query
+    blocks with `lax.map` so that no (B, H, N, M) logits tensor is ever materialised.
+    """
+    b, n, h, d = q.shape
+    m = k.shape[1]
+    q = q * jnp.asarray(d ** -0.5, q.dtype)
+    heads_first = lambda a: a.transpose(0, 2, 1, 3).reshape(b * h, a.shape[1], d)
+    qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
+    if n * m < CPU_BLOCK_LOGITS:
+        out = _softmax_attend(qh, kh, vh)
+    else:
+        block = n  # largest divisor of n whose logits block fits CPU_BLOCK_LOGITS
+        while block * m > CPU_BLOCK_LOGITS and block % 2 == 0:
+            block //= 2
+
+        def one_head(args):
+            qi, ki, vi = args
+            if block == n:
+                return _softmax_attend(qi, ki, vi)
+            blocks = jax.lax.map(lambda qb: _softmax_attend(qb, ki, vi), qi.reshape(n // block, block, d))
+            return blocks.reshape(n, d)
+
+        out = jax.lax.map(one_head, (qh, kh, vh))
+    return out.reshape(b, h, n, d).transpose(0, 2, 1, 3)
 
 
 def attention_probs(q, k):
