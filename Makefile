@@ -24,7 +24,7 @@ demo: setup
 	@echo "trained model: $(DEMO)/model  edits: $(DEMO)/edited  (RANDOM weights: the edits are noise)"
 
 test: setup
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: setup
 	$(PY) bench/unet_forward.py
