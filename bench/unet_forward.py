@@ -91,16 +91,31 @@ def _emit(result: dict) -> None:
 
 
 class _LazySafetensors:
-    """Read-once mapping over a safetensors file: `items()` loads one tensor at a time."""
+    """Read-once mapping over a safetensors file: `items()` reads one tensor at a time.
+
+    Plain reads, not mmap: mapped file pages would count towards this process's RSS.
+    """
+    DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "I64": "int64", "I32": "int32"}
 
     def __init__(self, path: str):
         self.path = path
 
     def items(self):
-        from safetensors import safe_open
-        with safe_open(self.path, framework="numpy") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        import numpy as np
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if info["dtype"] == "BF16":
+                    import ml_dtypes
+                    dtype = np.dtype(ml_dtypes.bfloat16)
+                else:
+                    dtype = np.dtype(self.DTYPES[info["dtype"]])
+                begin, end = info["data_offsets"]
+                f.seek(8 + n + begin)
+                arr = np.fromfile(f, dtype=dtype, count=(end - begin) // dtype.itemsize)
+                yield key, arr.reshape(info["shape"])
 
 
 # ------------------------------------------------------------------------------------------ children
