@@ -60,10 +60,8 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
            f"--config.workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}  # reuse compiles
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 1200
-    while not (tmp_path / "checkpoints" / "2").exists():
+    while not (tmp_path / "checkpoints" / "2").exists():  # kill it mid-run, after its update-2 checkpoint
         assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.time() < deadline, "no checkpoint after 1200 s"
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
