@@ -34,6 +34,18 @@ def gaussian_log_prob(x, mean, std):
     return lp.mean(axis=tuple(range(1, x.ndim)))
 
 
+def gaussian_action(mean, std, *, key=None, noise=None, prev_sample=None, who: str = "step"):
+    """The step's action: the recorded `prev_sample` (a constant), else mean + std·noise
+    (noise given, or drawn from `key`)."""
+    if prev_sample is not None:
+        return jax.lax.stop_gradient(jnp.asarray(prev_sample, jnp.float32))
+    if noise is None:
+        if key is None:
+            raise ValueError(f"{who} needs key, noise or prev_sample")
+        noise = jax.random.normal(key, mean.shape, jnp.float32)
+    return mean + std * noise
+
+
 def ddim_step_with_logprob(schedule: Schedule, eps, t, x_t, *, eta: float, steps: int,
                            key=None, noise=None, prev_sample=None):
     """One DDIM step t -> t − T//steps, as diffusers ``DDIMScheduler.step`` (ε-prediction).
@@ -63,12 +75,6 @@ def ddim_step_with_logprob(schedule: Schedule, eps, t, x_t, *, eta: float, steps
         return x_prev, jnp.zeros((batch,), jnp.float32)
     if eta < 0:
         raise ValueError(f"eta={eta} must be >= 0")
-    if prev_sample is not None:
-        x_prev = jax.lax.stop_gradient(jnp.asarray(prev_sample, jnp.float32))
-    else:
-        if noise is None:
-            if key is None:
-                raise ValueError("ddim_step_with_logprob: eta > 0 needs key, noise or prev_sample")
-            noise = jax.random.normal(key, x_t.shape, jnp.float32)
-        x_prev = mean + std * noise
+    x_prev = gaussian_action(mean, std, key=key, noise=noise, prev_sample=prev_sample,
+                             who="ddim_step_with_logprob: eta > 0")
     return x_prev, gaussian_log_prob(x_prev, mean, std)

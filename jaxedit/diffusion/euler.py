@@ -11,7 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxedit.diffusion.ddim import gaussian_log_prob
+from jaxedit.diffusion.ddim import gaussian_action, gaussian_log_prob
 from jaxedit.diffusion.schedules import Schedule, init_noise_sigma, karras_sigmas
 
 
@@ -53,14 +53,8 @@ def euler_ancestral_step(eps, x, sigma, sigma_next, *, key=None, noise=None, pre
     sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
     derivative = (x - pred_x0) / sigma
     mean = x + derivative * (sigma_down - sigma)
-    if prev_sample is not None:
-        x_prev = jax.lax.stop_gradient(jnp.asarray(prev_sample, jnp.float32))
-    else:
-        if noise is None:
-            if key is None:
-                raise ValueError("euler_ancestral_step needs key, noise or prev_sample")
-            noise = jax.random.normal(key, x.shape, jnp.float32)
-        x_prev = mean + noise * sigma_up
+    x_prev = gaussian_action(mean, sigma_up, key=key, noise=noise, prev_sample=prev_sample,
+                             who="euler_ancestral_step")
     positive = sigma_up > 0
     lp = gaussian_log_prob(x_prev, mean, jnp.where(positive, sigma_up, 1.0))
     return x_prev, jnp.where(positive, lp, 0.0)
