@@ -178,8 +178,8 @@ def make_update(denoise: Callable, optimizer: optax.GradientTransformation, sche
         """x (N,h,w,c), t (N,): one batched denoise call, each sample at its own timestep."""
         return denoise(params, cond2, x, t)
 
-    def chunk_grads(acc, trainable, ref_params, t_table, chunk):
-        """acc + the sums over the K trained steps of one chunk's (grads, metrics)."""
+    def chunk_grads(acc, trainable, ref_params, t_table, chunk, grad_scale):
+        """acc + the sums over the K trained steps of one chunk's (grads × grad_scale, metrics)."""
         x_t, x_prev, order, cond, win, valid = chunk
         steps = x_t.shape[0]
         cond2 = _map_axes(lambda l: jnp.concatenate([l, l]), cond_axes, cond)  # both members
@@ -192,8 +192,9 @@ def make_update(denoise: Callable, optimizer: optax.GradientTransformation, sche
 
         def step_loss(trainable, i, ref_lp):
             lp = log_prob(merge(trainable, ref_params), i)
-            return d3po_loss(*_winner_loser(lp, win), *_winner_loser(ref_lp, win), valid,
-                             beta=beta, clip_eps=clip_eps)
+            loss, m = d3po_loss(*_winner_loser(lp, win), *_winner_loser(ref_lp, win), valid,
+                                beta=beta, clip_eps=clip_eps)
+            return loss * grad_scale, m  # the accumulated gradient is then the mean over steps
 
         def body(carry, i):
             ref_lp = jax.lax.stop_gradient(log_prob(ref_params, i))
@@ -232,21 +233,22 @@ def make_update(denoise: Callable, optimizer: optax.GradientTransformation, sche
         z = jnp.zeros((pairs // m,), jnp.float32)
         zeros = (jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
                  jax.tree_util.tree_map(jnp.zeros_like, d3po_loss(z, z, z, z, z)[1]))
-        g_sum, m_sum = jax.lax.scan(
-            lambda acc, c: (chunk_grads(acc, state.params, ref_params, batch.t, c), None), zeros, chunks)[0]
-        grads = jax.tree_util.tree_map(lambda g, p: (g / (trained * m)).astype(p.dtype), g_sum, state.params)
+        g_mean, m_sum = jax.lax.scan(
+            lambda acc, c: (chunk_grads(acc, state.params, ref_params, batch.t, c, 1.0 / (trained * m)), None),
+            zeros, chunks)[0]
+        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), g_mean, state.params)
         metrics = {k: v / (trained * m) for k, v in m_sum.items()}
         n_valid = metrics["frac_valid"] * pairs  # ties add exactly log 2 to the mean loss
         metrics["loss_valid"] = (metrics["loss"] * pairs - (pairs - n_valid) * math.log(2)) / jnp.maximum(n_valid, 1)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
-            [jnp.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads)]))
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)
-        new_state = TrainState(jax.tree_util.tree_map(keep, params, state.params),
-                               jax.tree_util.tree_map(keep, opt_state, state.opt_state),
-                               state.step + finite.astype(jnp.int32))
-        metrics.update(grad_norm=optax.tree.norm(grads), skipped=1.0 - finite.astype(jnp.float32))
+        grad_norm = optax.tree.norm(grads)  # non-finite iff some gradient entry is (or overflows)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+
+        def apply(state):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+        # A cond, not a per-leaf select: a skipped update costs nothing and compiles to fewer kernels.
+        new_state = jax.lax.cond(finite, apply, lambda state: state, state)
+        metrics.update(grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
         return new_state, metrics
 
     return jax.jit(update, donate_argnums=0)
