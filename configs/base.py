@@ -12,6 +12,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.workdir = "runs/default"          # checkpoints, logs, image grids
     c.resume = True                     # continue from the newest checkpoint in workdir
+    c.distributed = False               # jax.distributed.initialize() first (multi-host: TPU pod, SLURM)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                    # devices on the data axis (-1 = all); params are replicated
 
     c.model = ml_collections.ConfigDict()
     c.model.checkpoint = ""             # diffusers-format InstructPix2Pix folder; "" = embedded tiny random one
@@ -72,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.every = 1
     c.log.images_every = 5
     c.log.tensorboard = True
+    c.log.progress = True               # progress bar on a terminal (never in a log file)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 5

@@ -115,13 +115,19 @@ class EditPipeline:
         ids = text.tokenize(self.tokenizer, list(prompts), self.text_encoder.config.max_position_embeddings)
         return self._encode_text(self.text_params, jnp.asarray(ids))
 
-    def encode_images(self, images) -> jax.Array:
-        """float (B,H,W,3) in [-1,1] -> conditioning latents (B,H/8,W/8,4): posterior mode, unscaled."""
-        return self._encode_image(self.vae_params, jnp.asarray(images, jnp.float32))
+    def encode_images(self, images, vae_params=None) -> jax.Array:
+        """float (B,H,W,3) in [-1,1] -> conditioning latents (B,H/8,W/8,4): posterior mode, unscaled.
 
-    def decode(self, latents) -> jax.Array:
-        """Scaled latents (B,h,w,4) -> images (B,8h,8w,3) in about [-1,1]."""
-        return self._decode(self.vae_params, jnp.asarray(latents) / self.vae.config.scaling_factor)
+        ``vae_params`` (default ``self.vae_params``): pass them explicitly when calling from inside
+        a jitted function, so they are an argument and not a baked-in constant.
+        """
+        p = self.vae_params if vae_params is None else vae_params
+        return self._encode_image(p, jnp.asarray(images, jnp.float32))
+
+    def decode(self, latents, vae_params=None) -> jax.Array:
+        """Scaled latents (B,h,w,4) -> images (B,8h,8w,3) in about [-1,1] (``vae_params`` as above)."""
+        p = self.vae_params if vae_params is None else vae_params
+        return self._decode(p, jnp.asarray(latents) / self.vae.config.scaling_factor)
 
     def edit_arrays(self, images, instructions: Sequence[str], style_images=None, *, steps: int = 20,
                     sampler: str = "euler_ancestral", guidance_text: float = 7.5, guidance_image: float = 1.5,

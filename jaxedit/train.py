@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from jaxedit.checkpoint import Checkpointer
@@ -32,6 +34,7 @@ from jaxedit.data import loader as data_loader
 from jaxedit.data import scenes
 from jaxedit.diffusion import guidance
 from jaxedit.diffusion.sampler import sample
+from tqdm import tqdm
 from jaxedit.logging import RunLogger, image_grid
 from jaxedit.models import lora, style_adapter
 from jaxedit.models.tiny import make_tiny_checkpoint
@@ -118,35 +121,63 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def _cond(pipe: EditPipeline, config, image_latents, style_latents, text_emb, uncond):
-    """Per-pair conditioning (P rows) and its vmap axes."""
+    """Per-pair conditioning of the denoiser (P rows; the "" embedding and scales shared)."""
     s = config.sample
     if pipe.style:
-        cond = guidance.SpecialistCond(image_latents, style_latents, text_emb, uncond, 1.0,
+        return guidance.SpecialistCond(image_latents, style_latents, text_emb, uncond, 1.0,
                                        s.guidance_text, s.guidance_image, s.guidance_style)
-        return cond, guidance.SpecialistCond(0, 0, 0, None, None, None, None, None)
-    cond = guidance.IP2PCond(image_latents, text_emb, uncond, s.guidance_text, s.guidance_image)
-    return cond, guidance.IP2PCond(0, 0, None, None, None)
+    return guidance.IP2PCond(image_latents, text_emb, uncond, s.guidance_text, s.guidance_image)
 
 
-def _tile2(cond, axes):
-    """Per-pair cond (P, ...) -> per-sample cond (2P, ...) in pair layout."""
-    return jax.tree_util.tree_map(lambda ax, c: c if ax is None else jnp.concatenate([c, c]), axes, cond,
+def _cond_axes(pipe: EditPipeline):
+    """`_cond`'s vmap-style axes: 0 = per-pair leaf, None = shared."""
+    if pipe.style:
+        return guidance.SpecialistCond(0, 0, 0, None, None, None, None, None)
+    return guidance.IP2PCond(0, 0, None, None, None)
+
+
+def _map_pairs(fn, axes, *conds):
+    """fn over the per-pair leaves of conds (the shared leaves are taken from the first)."""
+    return jax.tree_util.tree_map(lambda ax, *cs: cs[0] if ax is None else fn(*cs), axes, *conds,
                                   is_leaf=lambda x: x is None)
 
 
-def sample_pairs(pipe, config, params, batch, text_emb, uncond, key):
-    """One call: P (image, style) examples -> trajectories and decoded samples of 2P in pair layout."""
-    p = batch["image"].shape[0]
-    image_latents = pipe.encode_images(imio.to_model(batch["image"]))
-    style_latents = pipe.encode_images(imio.to_model(batch["style"])) if pipe.style else None
-    cond, axes = _cond(pipe, config, image_latents, style_latents, jnp.broadcast_to(text_emb, (p,) + text_emb.shape[1:]),
-                       uncond[0])
-    z = jax.random.normal(jax.random.fold_in(key, 0), image_latents.shape)
-    x0, traj = sample(pipe.denoise, params, _tile2(cond, axes), pipe.schedule, jnp.concatenate([z, z]),
-                      jax.random.fold_in(key, 1), steps=config.sample.steps, sampler="ddim", eta=config.sample.eta,
-                      return_trajectory=True)
-    images = imio.from_model(pipe.decode(x0))
-    return cond, axes, traj, images
+def make_mesh(config) -> Mesh:
+    """1-D mesh ("data",) over the first ``mesh.data`` devices (-1: all, across hosts); params
+    are replicated over it, samples split along it."""
+    devices = jax.devices()
+    n = len(devices) if config.mesh.data == -1 else config.mesh.data
+    if not 1 <= n <= len(devices) or (jax.process_count() > 1 and n != len(devices)):
+        raise ValueError(f"mesh.data={config.mesh.data}: expected -1 (all) or 1..{len(devices)} devices"
+                         + (" (multi-host runs use all devices)" if jax.process_count() > 1 else ""))
+    return Mesh(np.asarray(devices[:n]), ("data",))
+
+
+def make_sampler(pipe: EditPipeline, config):
+    """Jitted sampling phase of one call: P (image, style) examples -> 2P samples in pair layout.
+
+    ``run(params, vae_params, image, style, text_emb, uncond, key)`` with image/style uint8
+    (P,H,W,3) -> (cond (P rows), Trajectory (S, 2P, h, w, 4), samples float (2P,H,W,3) in [-1,1]).
+    Each pair's members start from the same x_T; the shardings of the inputs decide where it runs.
+    """
+    def run(params, vae_params, image, style, text_emb, uncond, key):
+        p = image.shape[0]
+        image_latents = pipe.encode_images(imio.to_model(image), vae_params)
+        style_latents = pipe.encode_images(imio.to_model(style), vae_params) if pipe.style else None
+        cond = _cond(pipe, config, image_latents, style_latents,
+                     jnp.broadcast_to(text_emb, (p,) + text_emb.shape[1:]), uncond[0])
+        z = jax.random.normal(jax.random.fold_in(key, 0), image_latents.shape)
+        both = _map_pairs(lambda c: jnp.concatenate([c, c]), _cond_axes(pipe), cond)  # per sample
+        x0, traj = sample(pipe.denoise, params, both, pipe.schedule, jnp.concatenate([z, z]),
+                          jax.random.fold_in(key, 1), steps=config.sample.steps, sampler="ddim",
+                          eta=config.sample.eta, return_trajectory=True)
+        return cond, traj, pipe.decode(x0, vae_params)
+    return jax.jit(run)
+
+
+def _to_host(x) -> np.ndarray:
+    """A global array -> the whole array as NumPy on every host."""
+    return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
 
 
 def preferences(config, scores: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -165,9 +196,42 @@ def _pair_layout(chunks, axis: int = 0, xp=np):
     return xp.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=axis)
 
 
-def _stack_pairs(trajectories):
-    """Trajectory arrays (S, 2P_i, ...) -> (S, 2ΣP_i, ...) in pair layout."""
-    return _pair_layout(trajectories, axis=1, xp=jnp)
+def batch_sizes(config, devices: int) -> tuple[int, int]:
+    """(pairs per update, pairs per sampling call), checked against micro-batches and devices."""
+    pairs_total, pairs_call = config.train.samples_per_update // 2, config.sample.batch_size // 2
+    checks = (("train.samples_per_update/2", pairs_total, pairs_call),
+              ("sample.batch_size/2", pairs_call, devices),  # every device samples whole pairs
+              ("train.samples_per_update/2", pairs_total, config.train.micro_batch))
+    for name, value, unit in checks:
+        if value < 1 or value % unit:
+            raise ValueError(f"{name} = {value} pairs is not a positive multiple of {unit} (sample.batch_size "
+                             f"{config.sample.batch_size}, train.micro_batch {config.train.micro_batch}, "
+                             f"{devices} devices)")
+    return pairs_total, pairs_call
+
+
+def sampling_phase(sampler, pipe, params, loader, calls: int, mesh: Mesh, text_emb, uncond, key) -> dict:
+    """``calls`` sampling calls -> the update's inputs, 2P samples in pair layout.
+
+    Returns cond (P rows), x_t / x_prev (S, 2P, ...), t (S,), samples uint8 (2P,H,W,3) and the
+    global examples (image, style, mask, index; P rows) as NumPy on every host.
+    """
+    split = NamedSharding(mesh, PartitionSpec("data"))
+    out = {k: [] for k in ("cond", "traj", "samples", "examples")}
+    for c in range(calls):
+        local = next(loader)
+        image, style = (jax.make_array_from_process_local_data(split, local[k]) for k in ("image", "style"))
+        cond, traj, x = sampler(params, pipe.vae_params, image, style, text_emb, uncond, jax.random.fold_in(key, c))
+        out["cond"].append(cond), out["traj"].append(traj)
+        out["samples"].append(imio.from_model(_to_host(x)))
+        out["examples"].append(local if jax.process_count() == 1 else multihost_utils.process_allgather(local, tiled=True))
+    return {"cond": _map_pairs(lambda *cs: jnp.concatenate(cs), _cond_axes(pipe), *out["cond"]),
+            "x_t": _pair_layout([t.x_t for t in out["traj"]], axis=1, xp=jnp),
+            "x_prev": _pair_layout([t.x_prev for t in out["traj"]], axis=1, xp=jnp),
+            "t": out["traj"][0].t,
+            "samples": _pair_layout(out["samples"]),
+            "examples": {k: np.concatenate([e[k] for e in out["examples"]]) for k in out["examples"][0]},
+            "first_call": (out["examples"][0], out["samples"][0])}
 
 
 def train(config, *, log=print, stop_after: int | None = None) -> dict:
@@ -175,29 +239,28 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
 
     `stop_after` ends the run after that many updates in this process (tests of resumption).
     """
+    if config.distributed:
+        jax.distributed.initialize()  # TPU pods, SLURM, Open MPI: coordinates are auto-detected
     workdir = config.workdir
     os.makedirs(workdir, exist_ok=True)
-    pairs_total = config.train.samples_per_update // 2
-    pairs_call = config.sample.batch_size // 2
-    micro = config.train.micro_batch
-    for name, value, unit in (("train.samples_per_update", pairs_total, pairs_call), ("sample.batch_size//2", pairs_call, 1)):
-        if value < 1 or value % unit:
-            raise ValueError(f"{name}: {value} pairs is not a positive multiple of {unit}")
-    if pairs_total % micro:
-        raise ValueError(f"train.micro_batch={micro} must divide the {pairs_total} pairs per update")
+    mesh = make_mesh(config)
+    pairs_total, pairs_call = batch_sizes(config, mesh.size)
+    replicate = lambda tree: jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
     pipe = build_pipeline(config, workdir)
     policy = build_policy(config, pipe)
+    pipe = dataclasses.replace(pipe, vae_params=replicate(pipe.vae_params))
+    policy = dataclasses.replace(policy, ref_params=replicate(policy.ref_params))
     loader = build_data(config, workdir, pairs_call // jax.process_count())
     scorer = make_scorer(config.score.scorer, lam=config.score.lam)
     optimizer = make_optimizer(config)
     update = d3po.make_update(pipe.denoise, optimizer, pipe.schedule, beta=config.train.beta,
                               clip_eps=config.train.clip_eps, eta=config.sample.eta,
                               steps_per_update=max(1, int(config.sample.steps * config.train.timestep_fraction)),
-                              merge=policy.merge,
-                              cond_axes=_cond(pipe, config, None, None, None, None)[1],
-                              micro_batches=pairs_total // micro)
-    state = d3po.init_train_state(policy.trainable, optimizer)
+                              merge=policy.merge, cond_axes=_cond_axes(pipe),
+                              micro_batches=pairs_total // config.train.micro_batch)
+    sampler = make_sampler(pipe, config)
+    state = replicate(d3po.init_train_state(policy.trainable, optimizer))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     start = 0
     if config.resume and ckpt.latest_step() is not None:
@@ -205,13 +268,16 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
         loader.set_state(meta["data"])
         start = meta["update"]
         log(f"resumed from update {start} ({ckpt.directory})")
-    logger = RunLogger(workdir, tensorboard=config.log.tensorboard, enabled=jax.process_index() == 0, echo=log)
+    bar = tqdm(total=config.train.updates, initial=start, unit="update", desc="D3PO",
+               disable=None if config.log.progress else True)  # None: only on a terminal
+    echo = bar.write if not bar.disable and log is print else log
+    logger = RunLogger(workdir, tensorboard=config.log.tensorboard, enabled=jax.process_index() == 0, echo=echo)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    text_emb, uncond = pipe.encode_text([config.edit.instruction]), pipe.encode_text([""])
+    text_emb, uncond = replicate(pipe.encode_text([config.edit.instruction])), replicate(pipe.encode_text([""]))
     base_key = jax.random.key(config.seed)
     nonfinite, metrics = 0, {}
 
@@ -222,58 +288,54 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
         for u in range(start, config.train.updates):
             key = jax.random.fold_in(base_key, u)
             t0 = time.perf_counter()
-            params = policy.params(state.params)
-            conds, trajs, samples, batches = [], [], [], []
-            for c in range(pairs_total // pairs_call):  # sampling phase
-                batch = next(loader)
-                cond, axes, traj, imgs = sample_pairs(pipe, config, params, batch, text_emb, uncond,
-                                                      jax.random.fold_in(key, c))
-                conds.append(cond), trajs.append(traj), samples.append(imgs), batches.append(batch)
+            ph = sampling_phase(sampler, pipe, policy.params(state.params), loader, pairs_total // pairs_call,
+                                mesh, text_emb, uncond, key)
             t_sample = time.perf_counter() - t0
-            gen = _pair_layout(samples)
-            two = lambda k: np.concatenate([np.concatenate([b[k] for b in batches])] * 2)
-            scores = scorer(two("image"), gen, two("style"), two("mask"))
+            ex = {k: np.concatenate([ph["examples"][k]] * 2) for k in ("image", "style", "mask")}  # pair layout
+            scores = scorer(ex["image"], ph["samples"], ex["style"], ex["mask"])
             win, valid = preferences(config, scores)
             t1 = time.perf_counter()
-            cond_all = jax.tree_util.tree_map(lambda ax, *cs: cs[0] if ax is None else jnp.concatenate(cs), axes, *conds,
-                                              is_leaf=lambda x: x is None)
-            x_t, x_prev = _stack_pairs([t.x_t for t in trajs]), _stack_pairs([t.x_prev for t in trajs])
-            batch = d3po.D3POBatch(x_t, x_prev, trajs[0].t, cond_all, jnp.asarray(win), jnp.asarray(valid))
+            batch = d3po.D3POBatch(ph["x_t"], ph["x_prev"], ph["t"], ph["cond"], jnp.asarray(win), jnp.asarray(valid))
             state, m = update(state, policy.ref_params, batch, jax.random.fold_in(key, 1_000_000))
-            m = {k: float(v) for k, v in jax.device_get(jax.block_until_ready(m)).items()}
+            # Fetching the metrics awaits the step (XLA:CPU collectives can deadlock otherwise).
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            t_update = time.perf_counter() - t1
             nonfinite = nonfinite + 1 if m["skipped"] > 0 else 0
             if nonfinite >= config.train.max_nonfinite:
                 raise TrainingError(f"{nonfinite} updates in a row had a non-finite loss or gradient; "
                                     f"stopping (last good state is in {ckpt.directory})")
             if nonfinite:
-                log(f"warning: update {u + 1} skipped: non-finite loss or gradient ({nonfinite} in a row)")
-            t_update = time.perf_counter() - t1
+                echo(f"warning: update {u + 1} skipped: non-finite loss or gradient ({nonfinite} in a row)")
             metrics = {**{f"d3po/{k}": v for k, v in m.items()},
                        **{f"score/{k}_mean": float(np.mean(v)) for k, v in scores.items()},
                        **{f"score/{k}_std": float(np.std(v)) for k, v in scores.items()},
                        "pairs/valid_fraction": float(np.mean(valid)),
                        "time/sample_s": t_sample, "time/update_s": t_update,
                        "time/samples_per_s": 2 * pairs_total / t_sample}
-            if (u + 1) % config.log.every == 0:
-                logger.scalars(u + 1, metrics)
-            if config.log.images_every and (u + 1) % config.log.images_every == 0:
-                b0 = batches[0]
-                rows_img = [[b0["image"][i], b0["style"][i], samples[0][i], samples[0][i + pairs_call]]
-                            for i in range(min(4, pairs_call))]
-                logger.images(u + 1, "input_style_sampleA_sampleB", image_grid(rows_img))
             done = u + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", kl=f"{m['approx_kl']:.2g}",
+                            **{k: f"{np.mean(v):.4f}" for k, v in scores.items()})
+            if done % config.log.every == 0:
+                logger.scalars(done, metrics, echo=bar.disable)
+            if config.log.images_every and done % config.log.images_every == 0:
+                examples, samples = ph["first_call"]
+                rows = [[examples["image"][i], examples["style"][i], samples[i], samples[i + pairs_call]]
+                        for i in range(min(4, pairs_call))]
+                logger.images(done, "input_style_sampleA_sampleB", image_grid(rows))
             if done % config.checkpoint.every == 0 or done == config.train.updates or stop["signal"]:
                 save(done)
             if done == config.train.updates and jax.process_index() == 0:
                 pipe.save_pretrained(os.path.join(workdir, "model"), policy.params(state.params))
-                log(f"trained model: {os.path.join(workdir, 'model')} (python -m jaxedit.sample --checkpoint=...)")
+                echo(f"trained model: {os.path.join(workdir, 'model')} (python -m jaxedit.sample --checkpoint=...)")
             if stop["signal"]:
-                log(f"received signal {stop['signal']}: saved update {done}, exiting")
+                echo(f"received signal {stop['signal']}: saved update {done}, exiting")
                 break
             if stop_after is not None and done - start >= stop_after:
                 break
     finally:
         signal.signal(signal.SIGTERM, previous)
+        bar.close()
         logger.close()
         ckpt.close()
     return {"metrics": metrics, "state": state, "pipeline": pipe, "policy": policy}
