@@ -65,6 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.clip_eps = 0.1              # ratio clip
     c.train.max_nonfinite = 3           # abort after this many skipped (non-finite) updates in a row
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0                    # held-out scores (heldout/*) before training and every N updates; 0 = off
+    c.eval.images = ""                  # held-out inputs (folder or list file); styles from data.styles
+    c.eval.masks = ""
+    c.eval.generate = 0                 # > 0: this many generated held-out scenes (another seed than data.generate)
+
     c.score = ml_collections.ConfigDict()
     c.score.scorer = "simple"           # weight-free in-process scorer; "torch" = scorer process
     c.score.structural = "edges"        # edges | depth
@@ -108,6 +114,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.samples_per_update = 16
     c.train.micro_batch = 8
     c.train.lr = 1e-4
+    c.eval.every, c.eval.generate = 5, 16
     c.checkpoint.every = 10
     c.log.images_every = 10
     return c

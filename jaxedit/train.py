@@ -95,20 +95,24 @@ def build_policy(config, pipe: EditPipeline) -> Policy:
     return Policy(trainable, base, merge)
 
 
-def build_data(config, workdir: str, pairs_per_call: int):
-    if config.data.generate:
-        folders = scenes.write_dataset(os.path.join(workdir, "data"), config.data.generate,
-                                       config.data.generate_styles, style=config.edit.style, seed=config.seed,
-                                       size=config.data.resolution)
+def build_data(config, workdir: str, pairs_per_call: int, *, heldout: bool = False):
+    """The training loader (shuffled, endless) or, with ``heldout``, one ordered pass over the
+    held-out examples (``eval.*``; generated ones use another seed than the training scenes)."""
+    src, seed, folder = (config.eval, config.seed + 10_000, "heldout") if heldout else (config.data, config.seed, "data")
+    if src.generate:
+        folders = scenes.write_dataset(os.path.join(workdir, folder), src.generate, config.data.generate_styles,
+                                       style=config.edit.style, seed=seed, size=config.data.resolution)
         images, masks, styles = folders["images"], folders["masks"], folders["styles"]
     else:
-        images, masks, styles = config.data.images, config.data.masks, config.data.styles
+        images, masks, styles = src.images, src.masks, config.data.styles
         if not images or not styles:
-            raise ValueError("set --config.data.images and --config.data.styles (or --config.data.generate=N)")
+            what = "eval" if heldout else "data"
+            raise ValueError(f"set --config.{what}.images and --config.data.styles (or --config.{what}.generate=N)")
     if not config.edit.segment:
         masks = None  # whole-frame edit
     return data_loader.make_loader(images, styles, masks or None, resolution=config.data.resolution,
-                                   batch_size=pairs_per_call, seed=config.seed, worker_count=config.data.worker_count,
+                                   batch_size=pairs_per_call, seed=seed, shuffle=not heldout,
+                                   num_epochs=1 if heldout else None, worker_count=config.data.worker_count,
                                    host_index=jax.process_index(), host_count=jax.process_count(),
                                    max_bad_files=config.data.max_bad_files)
 
@@ -234,6 +238,20 @@ def sampling_phase(sampler, pipe, params, loader, calls: int, mesh: Mesh, text_e
             "first_call": (out["examples"][0], out["samples"][0])}
 
 
+def score_phase(config, scorer, phase: dict) -> dict:
+    """Scores of a sampling phase's 2P samples (pair layout) against their examples."""
+    ex = {k: np.concatenate([phase["examples"][k]] * 2) for k in ("image", "style", "mask")}
+    return scorer(ex["image"], phase["samples"], ex["style"], ex["mask"])
+
+
+def heldout_metrics(config, scores: dict) -> dict:
+    """Means of the held-out scores, and their total structural + α·semantic (lower is better)."""
+    out = {f"heldout/{k}_mean": float(np.mean(v)) for k, v in scores.items()}
+    if {"structural", "semantic"} <= set(scores):
+        out["heldout/total_mean"] = float(np.mean(scores["structural"] + config.score.alpha * scores["semantic"]))
+    return out
+
+
 def train(config, *, log=print, stop_after: int | None = None) -> dict:
     """Runs (or resumes) the configured training; returns the last update's metrics.
 
@@ -260,6 +278,10 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
                               merge=policy.merge, cond_axes=_cond_axes(pipe),
                               micro_batches=pairs_total // config.train.micro_batch)
     sampler = make_sampler(pipe, config)
+    heldout = list(build_data(config, workdir, pairs_call // jax.process_count(), heldout=True)) \
+        if config.eval.every else []
+    if config.eval.every and not heldout:
+        raise ValueError(f"eval: fewer held-out examples than the {pairs_call} pairs of one sampling call")
     state = replicate(d3po.init_train_state(policy.trainable, optimizer))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     start = 0
@@ -284,6 +306,14 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
     def save(step):
         ckpt.save(step, state, {"update": step, "data": loader.get_state(), "config": json.loads(config.to_json())})
 
+    def evaluate(state) -> dict:  # the same held-out examples and noise every time
+        ph = sampling_phase(sampler, pipe, policy.params(state.params), iter(heldout), len(heldout), mesh,
+                            text_emb, uncond, jax.random.key(config.seed + 10_000))
+        return heldout_metrics(config, score_phase(config, scorer, ph))
+
+    if heldout and start == 0:
+        logger.scalars(0, evaluate(state), echo=bar.disable)
+
     try:
         for u in range(start, config.train.updates):
             key = jax.random.fold_in(base_key, u)
@@ -291,8 +321,7 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
             ph = sampling_phase(sampler, pipe, policy.params(state.params), loader, pairs_total // pairs_call,
                                 mesh, text_emb, uncond, key)
             t_sample = time.perf_counter() - t0
-            ex = {k: np.concatenate([ph["examples"][k]] * 2) for k in ("image", "style", "mask")}  # pair layout
-            scores = scorer(ex["image"], ph["samples"], ex["style"], ex["mask"])
+            scores = score_phase(config, scorer, ph)
             win, valid = preferences(config, scores)
             t1 = time.perf_counter()
             batch = d3po.D3POBatch(ph["x_t"], ph["x_prev"], ph["t"], ph["cond"], jnp.asarray(win), jnp.asarray(valid))
@@ -313,6 +342,8 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
                        "time/sample_s": t_sample, "time/update_s": t_update,
                        "time/samples_per_s": 2 * pairs_total / t_sample}
             done = u + 1
+            if heldout and (done % config.eval.every == 0 or done == config.train.updates):
+                metrics.update(evaluate(state))
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", kl=f"{m['approx_kl']:.2g}",
                             **{k: f"{np.mean(v):.4f}" for k, v in scores.items()})
