@@ -44,8 +44,11 @@ def test_run_writes_everything(uninterrupted):
     workdir, result = uninterrupted
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
     assert (workdir / "model" / "style_adapter" / "config.json").exists()
-    lines = (workdir / "metrics.jsonl").read_text().strip().splitlines()
-    assert len(lines) == 4 and '"d3po/loss"' in lines[0] and '"score/semantic_mean"' in lines[0]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # held-out scores before training, then each update
+    assert "heldout/total_mean" in rows[0] and "d3po/loss" not in rows[0]
+    assert {"d3po/loss", "score/semantic_mean", "d3po/grad_norm"} <= set(rows[1])
+    assert "heldout/total_mean" in rows[4] and "heldout/total_mean" not in rows[3]  # eval.every=5, and at the end
     assert os.listdir(workdir / "tb") and sorted(os.listdir(workdir / "images"))[0].startswith("input_style")
     m = result["metrics"]
     assert np.isfinite(m["d3po/loss"]) and m["d3po/skipped"] == 0
@@ -83,7 +86,7 @@ def test_four_device_mesh_equals_one_device(uninterrupted, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["param_devices"] == [4]  # the trained state is replicated over the 4 devices
-    one = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])  # same run, 1 device
+    one = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[1])  # update 1 of the 1-device run
     for k in ("d3po/loss", "d3po/grad_norm", "d3po/approx_kl", "score/structural_mean", "score/semantic_mean",
               "pairs/valid_fraction"):
         np.testing.assert_allclose(got["trainer_metrics"][k], one[k], rtol=2e-5, atol=1e-7, err_msg=k)
