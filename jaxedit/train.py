@@ -238,7 +238,7 @@ def sampling_phase(sampler, pipe, params, loader, calls: int, mesh: Mesh, text_e
             "first_call": (out["examples"][0], out["samples"][0])}
 
 
-def score_phase(config, scorer, phase: dict) -> dict:
+def score_phase(scorer, phase: dict) -> dict:
     """Scores of a sampling phase's 2P samples (pair layout) against their examples."""
     ex = {k: np.concatenate([phase["examples"][k]] * 2) for k in ("image", "style", "mask")}
     return scorer(ex["image"], phase["samples"], ex["style"], ex["mask"])
@@ -309,7 +309,7 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
     def evaluate(state) -> dict:  # the same held-out examples and noise every time
         ph = sampling_phase(sampler, pipe, policy.params(state.params), iter(heldout), len(heldout), mesh,
                             text_emb, uncond, jax.random.key(config.seed + 10_000))
-        return heldout_metrics(config, score_phase(config, scorer, ph))
+        return heldout_metrics(config, score_phase(scorer, ph))
 
     if heldout and start == 0:
         logger.scalars(0, evaluate(state), echo=bar.disable)
@@ -321,7 +321,7 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
             ph = sampling_phase(sampler, pipe, policy.params(state.params), loader, pairs_total // pairs_call,
                                 mesh, text_emb, uncond, key)
             t_sample = time.perf_counter() - t0
-            scores = score_phase(config, scorer, ph)
+            scores = score_phase(scorer, ph)
             win, valid = preferences(config, scores)
             t1 = time.perf_counter()
             batch = d3po.D3POBatch(ph["x_t"], ph["x_prev"], ph["t"], ph["cond"], jnp.asarray(win), jnp.asarray(valid))
