@@ -72,7 +72,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.generate = 0                 # > 0: this many generated held-out scenes (another seed than data.generate)
 
     c.score = ml_collections.ConfigDict()
-    c.score.scorer = "simple"           # weight-free in-process scorer; "torch" = scorer process
+    c.score.scorer = "simple"           # registered scorer name (or module:attribute)
+    c.score.process = False             # score in a separate process over shared memory (PyTorch scorers)
+    c.score.address = ""                # connect to a scorer server already listening here ("" = start one)
+    c.score.threads = 0                 # torch threads of the scorer process (0 = torch's default)
+    c.score.slots = 2                   # shared-memory slots = requests in flight
+    c.score.slot_mb = 64                # bytes per slot (one sampling call's images + results)
+    c.score.timeout_s = 600.0
+    c.score.restart = True              # restart a dead scorer process and resend (False: stop with its error)
     c.score.structural = "edges"        # edges | depth
     c.score.lam = 0.05                  # lambda of the masked pixel L2 term
     c.score.alpha = 1.0                 # weight of the semantic advantage

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
+from tqdm import tqdm
 
 from jaxedit.checkpoint import Checkpointer
 from jaxedit.data import images as imio
@@ -34,13 +36,13 @@ from jaxedit.data import loader as data_loader
 from jaxedit.data import scenes
 from jaxedit.diffusion import guidance
 from jaxedit.diffusion.sampler import sample
-from tqdm import tqdm
 from jaxedit.logging import RunLogger, image_grid
 from jaxedit.models import lora, style_adapter
 from jaxedit.models.tiny import make_tiny_checkpoint
 from jaxedit.pipeline import EditPipeline
 from jaxedit.rl import advantages, d3po
-from jaxedit.scorers import make_scorer
+from jaxedit.scorers.base import InProcessQueue, make_scorer
+from jaxedit.scorers.shm_queue import ScorerClient
 
 
 class TrainingError(RuntimeError):
@@ -115,6 +117,20 @@ def build_data(config, workdir: str, pairs_per_call: int, *, heldout: bool = Fal
                                    num_epochs=1 if heldout else None, worker_count=config.data.worker_count,
                                    host_index=jax.process_index(), host_count=jax.process_count(),
                                    max_bad_files=config.data.max_bad_files)
+
+
+def build_scorer(config):
+    """The configured scorer behind ``submit``/``result``: in this process, or in the scorer
+    process over shared memory (``score.process``; ``score.address`` = a server already running)."""
+    kwargs = {"lam": config.score.lam}
+    if not config.score.process:
+        return InProcessQueue(make_scorer(config.score.scorer, **kwargs))
+    command = None if config.score.address else [
+        sys.executable, "-m", "jaxedit.scorers.server", f"--scorer={config.score.scorer}",
+        f"--kwargs={json.dumps(kwargs)}", f"--threads={config.score.threads}"]
+    return ScorerClient(command, address=config.score.address or None, slots=config.score.slots,
+                        slot_bytes=config.score.slot_mb << 20, timeout=config.score.timeout_s,
+                        restart=config.score.restart)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -214,34 +230,33 @@ def batch_sizes(config, devices: int) -> tuple[int, int]:
     return pairs_total, pairs_call
 
 
-def sampling_phase(sampler, pipe, params, loader, calls: int, mesh: Mesh, text_emb, uncond, key) -> dict:
-    """``calls`` sampling calls -> the update's inputs, 2P samples in pair layout.
+def sampling_phase(sampler, pipe, params, loader, calls: int, mesh: Mesh, text_emb, uncond, key, scorer) -> dict:
+    """``calls`` sampling calls, each scored while the next one samples -> the update's inputs,
+    2P samples in pair layout.
 
-    Returns cond (P rows), x_t / x_prev (S, 2P, ...), t (S,), samples uint8 (2P,H,W,3) and the
-    global examples (image, style, mask, index; P rows) as NumPy on every host.
+    Returns cond (P rows), x_t / x_prev (S, 2P, ...), t (S,), samples uint8 (2P,H,W,3), scores
+    {name: (2P,)}, and the global examples (image, style, mask, index; P rows) as NumPy on every host.
     """
     split = NamedSharding(mesh, PartitionSpec("data"))
-    out = {k: [] for k in ("cond", "traj", "samples", "examples")}
+    out = {k: [] for k in ("cond", "traj", "samples", "examples", "requests")}
     for c in range(calls):
         local = next(loader)
         image, style = (jax.make_array_from_process_local_data(split, local[k]) for k in ("image", "style"))
         cond, traj, x = sampler(params, pipe.vae_params, image, style, text_emb, uncond, jax.random.fold_in(key, c))
-        out["cond"].append(cond), out["traj"].append(traj)
-        out["samples"].append(imio.from_model(_to_host(x)))
-        out["examples"].append(local if jax.process_count() == 1 else multihost_utils.process_allgather(local, tiled=True))
-    return {"cond": _map_pairs(lambda *cs: jnp.concatenate(cs), _cond_axes(pipe), *out["cond"]),
+        samples = imio.from_model(_to_host(x))
+        ex = local if jax.process_count() == 1 else multihost_utils.process_allgather(local, tiled=True)
+        two = lambda k: np.concatenate([ex[k], ex[k]])  # pair layout
+        out["requests"].append(scorer.submit(inputs=two("image"), generated=samples, styles=two("style"),
+                                             masks=two("mask")))
+        out["cond"].append(cond), out["traj"].append(traj), out["samples"].append(samples), out["examples"].append(ex)
+    scores = [scorer.result(r) for r in out["requests"]]
+    return {"scores": {k: _pair_layout([s[k] for s in scores]) for k in scores[0]},"cond": _map_pairs(lambda *cs: jnp.concatenate(cs), _cond_axes(pipe), *out["cond"]),
             "x_t": _pair_layout([t.x_t for t in out["traj"]], axis=1, xp=jnp),
             "x_prev": _pair_layout([t.x_prev for t in out["traj"]], axis=1, xp=jnp),
             "t": out["traj"][0].t,
             "samples": _pair_layout(out["samples"]),
             "examples": {k: np.concatenate([e[k] for e in out["examples"]]) for k in out["examples"][0]},
             "first_call": (out["examples"][0], out["samples"][0])}
-
-
-def score_phase(scorer, phase: dict) -> dict:
-    """Scores of a sampling phase's 2P samples (pair layout) against their examples."""
-    ex = {k: np.concatenate([phase["examples"][k]] * 2) for k in ("image", "style", "mask")}
-    return scorer(ex["image"], phase["samples"], ex["style"], ex["mask"])
 
 
 def heldout_metrics(config, scores: dict) -> dict:
@@ -270,7 +285,6 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
     pipe = dataclasses.replace(pipe, vae_params=replicate(pipe.vae_params))
     policy = dataclasses.replace(policy, ref_params=replicate(policy.ref_params))
     loader = build_data(config, workdir, pairs_call // jax.process_count())
-    scorer = make_scorer(config.score.scorer, lam=config.score.lam)
     optimizer = make_optimizer(config)
     update = d3po.make_update(pipe.denoise, optimizer, pipe.schedule, beta=config.train.beta,
                               clip_eps=config.train.clip_eps, eta=config.sample.eta,
@@ -308,20 +322,21 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
 
     def evaluate(state) -> dict:  # the same held-out examples and noise every time
         ph = sampling_phase(sampler, pipe, policy.params(state.params), iter(heldout), len(heldout), mesh,
-                            text_emb, uncond, jax.random.key(config.seed + 10_000))
-        return heldout_metrics(config, score_phase(scorer, ph))
+                            text_emb, uncond, jax.random.key(config.seed + 10_000), scorer)
+        return heldout_metrics(config, ph["scores"])
 
-    if heldout and start == 0:
-        logger.scalars(0, evaluate(state), echo=bar.disable)
+    scorer = build_scorer(config)  # (a process, maybe) stopped in the `finally`
 
     try:
+        if heldout and start == 0:
+            logger.scalars(0, evaluate(state), echo=bar.disable)
         for u in range(start, config.train.updates):
             key = jax.random.fold_in(base_key, u)
             t0 = time.perf_counter()
             ph = sampling_phase(sampler, pipe, policy.params(state.params), loader, pairs_total // pairs_call,
-                                mesh, text_emb, uncond, key)
+                                mesh, text_emb, uncond, key, scorer)
             t_sample = time.perf_counter() - t0
-            scores = score_phase(scorer, ph)
+            scores = ph["scores"]
             win, valid = preferences(config, scores)
             t1 = time.perf_counter()
             batch = d3po.D3POBatch(ph["x_t"], ph["x_prev"], ph["t"], ph["cond"], jnp.asarray(win), jnp.asarray(valid))
@@ -366,6 +381,7 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
                 break
     finally:
         signal.signal(signal.SIGTERM, previous)
+        scorer.close()
         bar.close()
         logger.close()
         ckpt.close()

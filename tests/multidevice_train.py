@@ -37,7 +37,7 @@ def update_delta(workdir):
     loader = train.build_data(c, workdir, c.sample.batch_size // 2)
     text, uncond = pipe.encode_text([c.edit.instruction]), pipe.encode_text([""])
     ph = train.sampling_phase(train.make_sampler(pipe, c), pipe, policy.trainable, loader, 1, mesh1, text, uncond,
-                              jax.random.key(0))
+                              jax.random.key(0), train.build_scorer(c))
     pairs = ph["x_t"].shape[1] // 2
     win = jnp.asarray(np.arange(pairs) % 2, jnp.float32)
     batch = d3po.D3POBatch(ph["x_t"], ph["x_prev"], ph["t"], ph["cond"], win, jnp.ones(pairs))

@@ -52,6 +52,8 @@ def test_d3po_loss_matches_numpy_with_clipping_and_ties():
     assert abs(float(m["approx_kl"]) - 0.5 * np.mean(d ** 2)) < 1e-6
     assert abs(float(m["log_ratio"]) - d.mean()) < 1e-6
     assert abs(float(m["frac_valid"]) - valid.mean()) < 1e-6
+    dw, dl = d[:n], d[n:]
+    assert abs(float(m["win_rate"]) - ((dw > dl) & (valid > 0)).sum() / (valid > 0).sum()) < 1e-6
     # gradients: zero for ties, for clipped ratios and for the reference log-probs
     g = jax.grad(lambda *a: d3po.d3po_loss(*a, beta=BETA, clip_eps=EPS)[0], argnums=(0, 1, 2, 3))(
         f32(lw), f32(ll), f32(ref_w), f32(ref_l), f32(valid))

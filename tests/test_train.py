@@ -76,6 +76,16 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_scorer_process_run_equals_in_process_run(uninterrupted, tmp_path):
+    """The same run with the weight-free scorer in the scorer process (shared memory): same scores,
+    so bit-identical parameters; the process is gone afterwards."""
+    _, reference = uninterrupted
+    result = train.train(tiny_config(tmp_path, **{"score.process": True, "eval.every": 0}), log=lambda s: None)
+    for a, b in zip(_leaves(result["state"]), _leaves(reference["state"])):
+        np.testing.assert_array_equal(a, b)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"jaxedit-{os.getpid()}-")]
+
+
 def test_four_device_mesh_equals_one_device(uninterrupted, tmp_path):
     """Data-parallel on 4 CPU devices (fresh process: the device count is fixed at JAX start-up)."""
     workdir, _ = uninterrupted

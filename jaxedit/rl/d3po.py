@@ -52,7 +52,8 @@ def d3po_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, valid, *, beta: float = 0.
     ref_logp_w, ref_logp_l: the reference policy's, same shape (treated as constants);
     valid: (P,) or same shape, 0 marks a tie: its logit is 0 (loss log 2, no gradient).
     Returns (loss (), metrics): ``loss`` (= the returned loss), ``loss_valid`` (mean over valid
-    pairs only), ``clip_frac`` (fraction of the 2P ratios outside [1−ε, 1+ε]), ``approx_kl``
+    pairs only), ``win_rate`` (fraction of valid pairs whose winner already has the larger
+    log-ratio, DPO's "reward accuracy"), ``clip_frac`` (fraction of the 2P ratios outside [1−ε, 1+ε]), ``approx_kl``
     (½·mean(Δ²) over both members, Δ = logπθ − logπref), ``log_ratio`` (mean Δ), ``frac_valid``.
     """
     ref_w, ref_l = jax.lax.stop_gradient((ref_logp_w, ref_logp_l))
@@ -66,6 +67,7 @@ def d3po_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, valid, *, beta: float = 0.
     metrics = dict(
         loss=losses.mean(),
         loss_valid=jnp.where(ok, losses, 0.0).sum() / jnp.maximum(n_ok, 1),
+        win_rate=(ok & (d_w > d_l)).sum() / jnp.maximum(n_ok, 1),
         clip_frac=((d < lo) | (d > hi)).mean(dtype=jnp.float32),
         approx_kl=0.5 * (d ** 2).mean(),
         log_ratio=d.mean(),

@@ -81,3 +81,24 @@ def check_scores(scores: dict[str, np.ndarray], names: tuple[str, ...], batch: i
         v = np.asarray(v)
         if v.shape != (batch,) or not np.isfinite(v).all():
             raise ValueError(f"score {k!r} must be finite with shape ({batch},), got {v.shape}")
+
+
+class InProcessQueue:
+    """An in-process scorer behind the ``submit``/``result`` interface of the scorer process's
+    client (`jaxedit.scorers.shm_queue.ScorerClient`): it scores at ``submit``."""
+
+    def __init__(self, scorer: Scorer):
+        self.scorer, self.names = scorer, tuple(scorer.names)
+        self._results: dict[int, dict[str, np.ndarray]] = {}
+        self._next = 0
+
+    def submit(self, *, inputs, generated, styles, masks) -> int:
+        rid, self._next = self._next, self._next + 1
+        self._results[rid] = self.scorer(inputs, generated, styles, masks)
+        return rid
+
+    def result(self, rid: int) -> dict[str, np.ndarray]:
+        return self._results.pop(rid)
+
+    def close(self) -> None:
+        self._results.clear()
