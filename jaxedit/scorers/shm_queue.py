@@ -81,15 +81,17 @@ def pack(arrays: dict[str, np.ndarray], buf: memoryview, offset: int = 0) -> tup
     return layout, offset
 
 
-def unpack(buf: memoryview, layout: Sequence) -> dict[str, np.ndarray]:
-    """The arrays of ``layout`` as copies (the slot may be reused as soon as this returns)."""
+def unpack(buf: memoryview, layout: Sequence, copy: bool = True) -> dict[str, np.ndarray]:
+    """The arrays of ``layout``: copies (the slot may be reused as soon as this returns) or, with
+    ``copy=False``, read-only views into ``buf`` (valid while the slot is not reused)."""
     out = {}
     for name, dtype, shape, offset in layout:
         dtype = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
         if offset < 0 or offset + count * dtype.itemsize > len(buf):
             raise ValueError(f"array {name!r} ({dtype}, {tuple(shape)}) at offset {offset} does not fit the slot")
-        out[name] = np.frombuffer(buf, dtype, count, offset).reshape(shape).copy()
+        view = np.frombuffer(buf, dtype, count, offset).reshape(shape)
+        out[name] = view.copy() if copy else view
     return out
 
 
@@ -371,7 +373,7 @@ def serve(address: str, handler, names: Sequence[str], *, authkey: bytes | None 
             if kind == "bye":
                 return
             try:
-                scores = handler(unpack(pool.buf(slot), layout))
+                scores = handler(unpack(pool.buf(slot), layout, copy=False))  # the slot is ours until we answer
                 out = {k: np.asarray(v, np.float32) for k, v in scores.items()}
                 # After the request's arrays, which stay intact for a resend if we die now.
                 end = max((o + np.dtype(d).itemsize * int(np.prod(sh)) for _, d, sh, o in layout), default=0)
