@@ -80,7 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.score.slot_mb = 64                # bytes per slot (one sampling call's images + results)
     c.score.timeout_s = 600.0
     c.score.restart = True              # restart a dead scorer process and resend (False: stop with its error)
-    c.score.structural = "edges"        # edges | depth
+    c.score.structural = "depth"        # scorer "specialist": depth | edges (Canny) | sobel
+    c.score.depth_weights = ""          # local Depth Anything V2 folder (transformers format); "tiny" = random
     c.score.lam = 0.05                  # lambda of the masked pixel L2 term
     c.score.alpha = 1.0                 # weight of the semantic advantage
     c.score.ranking = "sum"             # sum | pareto

@@ -31,6 +31,7 @@ class Scorer(Protocol):
 
 _REGISTRY: dict[str, str | Callable[..., Scorer]] = {
     "simple": "jaxedit.scorers.simple:SimpleScorer",
+    "specialist": "jaxedit.scorers.composite:SpecialistScorer",  # depth needs torch: scorer process
 }
 
 
