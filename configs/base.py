@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.score.restart = True              # restart a dead scorer process and resend (False: stop with its error)
     c.score.structural = "depth"        # scorer "specialist": depth | edges (Canny) | sobel
     c.score.depth_weights = ""          # local Depth Anything V2 folder (transformers format); "tiny" = random
+    c.score.semantic = "stats"          # scorer "specialist": stats (weight-free) | clip | dinov2
+    c.score.embed_weights = ""          # local CLIP vision / DINOv2 folder (transformers format); "tiny" = random
     c.score.lam = 0.05                  # lambda of the masked pixel L2 term
     c.score.alpha = 1.0                 # weight of the semantic advantage
     c.score.ranking = "sum"             # sum | pareto

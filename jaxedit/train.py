@@ -124,7 +124,8 @@ def build_scorer(config):
     process over shared memory (``score.process``; ``score.address`` = a server already running)."""
     kwargs = {"lam": config.score.lam}
     if config.score.scorer == "specialist":
-        kwargs.update(structural=config.score.structural, depth_weights=config.score.depth_weights)
+        kwargs.update(structural=config.score.structural, depth_weights=config.score.depth_weights,
+                      semantic=config.score.semantic, embed_weights=config.score.embed_weights)
     if not config.score.process:
         return InProcessQueue(make_scorer(config.score.scorer, **kwargs))
     command = None if config.score.address else [

@@ -83,6 +83,12 @@ def test_specialist_scorer_combines_structural_and_semantic():
     from jaxedit.scorers.depth import DepthScorer
     depth = make_scorer("specialist", structural="depth", depth_weights="tiny")(a, g, sty, masks)
     np.testing.assert_array_equal(depth["structural"], DepthScorer.tiny().structural(a, g))
+    from jaxedit.scorers.embed import EmbeddingScorer
+    clip = make_scorer("specialist", structural="edges", semantic="clip", embed_weights="tiny")(a, g, sty, masks)
+    np.testing.assert_array_equal(clip["semantic"], EmbeddingScorer.tiny("clip")(a, g, sty, masks)["semantic"])
+    np.testing.assert_array_equal(clip["structural"], edges["structural"])
+    with pytest.raises(ValueError, match="needs embed_weights"):
+        make_scorer("specialist", structural="sobel", semantic="dinov2")
     with pytest.raises(ValueError, match="needs depth_weights"):
         make_scorer("specialist", structural="depth")
     with pytest.raises(ValueError, match="expected 'depth', 'edges' or 'sobel'"):

@@ -5,10 +5,11 @@
 structural: "depth" (Depth Anything V2, `depth.DepthScorer`; ``depth_weights`` a local
 transformers-format folder, or "tiny" for a small RANDOM model in tests), "edges" (Canny,
 `edges.EdgeScorer`) or "sobel" (the weight-free Sobel score of `simple.SimpleScorer`).
-semantic: the weight-free masked statistics + λ·pixel term of `simple.SimpleScorer` (the
-DreamSim / CLIP / DINOv2 embedding distance replaces its style term when configured; see the
-scorer issue). Lower is better for both. Depth imports torch: build this in the scorer process
-(``score.process=True``).
+semantic: "stats" (the weight-free masked colour/texture statistics + λ·pixel term of
+`simple.SimpleScorer`) or "clip" / "dinov2" (`embed.EmbeddingScorer`: embedding cosine distance
+of the masked edit to the style image + the same λ·pixel term; ``embed_weights`` a local
+transformers folder or "tiny"). Lower is better for both. Depth and embeddings import torch:
+build this in the scorer process (``score.process=True``).
 """
 from __future__ import annotations
 
@@ -21,9 +22,21 @@ from jaxedit.scorers.simple import SimpleScorer
 class SpecialistScorer:
     names = ("structural", "semantic")
 
-    def __init__(self, structural: str = "depth", depth_weights: str = "", lam: float = 0.05,
-                 canny: tuple[float, float] = (100, 200), device: str = "cpu"):
+    def __init__(self, structural: str = "depth", depth_weights: str = "", semantic: str = "stats",
+                 embed_weights: str = "", lam: float = 0.05, canny: tuple[float, float] = (100, 200),
+                 device: str = "cpu"):
         self.simple = SimpleScorer(lam=lam)
+        if semantic == "stats":
+            self.semantic = None
+        elif semantic in ("clip", "dinov2"):
+            from jaxedit.scorers.embed import EmbeddingScorer  # torch
+            if not embed_weights:
+                raise ValueError(f"semantic={semantic!r} needs embed_weights: a local transformers folder "
+                                 "of the encoder, or 'tiny' for a small random model")
+            self.semantic = (EmbeddingScorer.tiny(semantic, lam=lam, device=device) if embed_weights == "tiny"
+                             else EmbeddingScorer.from_pretrained(embed_weights, semantic, lam=lam, device=device))
+        else:
+            raise ValueError(f"semantic={semantic!r}: expected 'stats', 'clip' or 'dinov2'")
         if structural == "depth":
             from jaxedit.scorers.depth import DepthScorer  # torch
             if not depth_weights:
@@ -44,4 +57,6 @@ class SpecialistScorer:
         out = self.simple(inputs, generated, styles, masks)
         if self.structural is not None:
             out["structural"] = self.structural.structural(inputs, generated)
+        if self.semantic is not None:
+            out["semantic"] = self.semantic(inputs, generated, styles, masks)["semantic"]
         return out

@@ -1,0 +1,91 @@
+"""Image embeddings (CLIP, DINOv2) and the embedding semantic score (Specialists Eq. 9).
+
+    semantic = cosdist(f(m ⊙ I_gen), f(I_sty)) + λ · mean_{h,w,c}((1 − m) ⊙ (I_in − I_gen)²)
+
+cosdist = 1 − cos, in [0, 2]; m ⊙ I sets the pixels outside the edit mask to black (the
+style image is a texture and is used whole, the paper's m_sty = 1); pixels in [0, 1]; a mask of
+zero area counts as the whole frame. f:
+
+- "clip": `CLIPVisionModelWithProjection` image embeddings (projected), CLIP mean/std;
+- "dinov2": `Dinov2Model` CLS token after the final layer norm (``pooler_output``), ImageNet mean/std.
+
+Pre-processing: the whole image resized to ``size`` x ``size`` (224; bicubic, antialiased; no
+crop, so nothing of the masked region is cut away), normalised. Weights: a local transformers
+folder (``from_pretrained``); ``tiny(kind)`` builds a small random model for tests. (DreamSim,
+the paper's default f, is an ensemble of such encoders: to be added behind the same interface.)
+PyTorch: imported only in the scorer process.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
+
+from jaxedit.scorers.base import check_batch
+
+NORMALISATION = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                 "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+def tiny_model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "clip":
+        return CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+            patch_size=14, projection_dim=16))
+    if kind == "dinov2":
+        return Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=56, patch_size=14))
+    raise ValueError(f"embedding kind {kind!r}: expected 'clip' or 'dinov2'")
+
+
+class EmbeddingScorer:
+    """Semantic score from image embeddings: {"semantic": float32 (B,)}, lower is better."""
+    names = ("semantic",)
+
+    def __init__(self, model, kind: str, *, lam: float = 0.05, size: int = 224, batch_size: int = 16,
+                 device: str = "cpu"):
+        if kind not in NORMALISATION:
+            raise ValueError(f"embedding kind {kind!r}: expected one of {sorted(NORMALISATION)}")
+        self.model, self.kind = model.to(device).eval(), kind
+        self.lam, self.size, self.batch_size, self.device = float(lam), size, batch_size, device
+
+    @classmethod
+    def from_pretrained(cls, path: str, kind: str, **kwargs) -> "EmbeddingScorer":
+        model_cls = {"clip": CLIPVisionModelWithProjection, "dinov2": Dinov2Model}[kind]
+        return cls(model_cls.from_pretrained(path), kind, **kwargs)
+
+    @classmethod
+    def tiny(cls, kind: str, seed: int = 0, **kwargs) -> "EmbeddingScorer":
+        return cls(tiny_model(kind, seed), kind, **{"size": 56, **kwargs})
+
+    @torch.inference_mode()
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 or float-in-[0,255] (B, H, W, 3) -> float32 (B, D) unit-norm embeddings."""
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALISATION[self.kind])
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(np.asarray(images[i:i + self.batch_size], np.float32)).permute(0, 3, 1, 2) / 255.0
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False,
+                              antialias=True).clamp(0, 1)
+            o = self.model(pixel_values=((x - mean) / std).to(self.device))
+            e = o.image_embeds if self.kind == "clip" else o.pooler_output
+            out.append(F.normalize(e.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out)
+
+    def style_distance(self, generated, styles, masks) -> np.ndarray:
+        """cosdist(f(m ⊙ I_gen), f(I_sty)), float32 (B,)."""
+        m = np.asarray(masks, np.float32)
+        m = np.where(m.sum(axis=(1, 2), keepdims=True) > 0, m, 1.0)
+        e_gen = self.embed(generated.astype(np.float32) * m[..., None])
+        e_sty = self.embed(styles)
+        return (1.0 - (e_gen * e_sty).sum(-1)).astype(np.float32)
+
+    def __call__(self, inputs, generated, styles, masks) -> dict[str, np.ndarray]:
+        inputs, generated, styles, masks = check_batch(inputs, generated, styles, masks)
+        m = np.asarray(masks, np.float64)
+        m = np.where(m.sum(axis=(1, 2), keepdims=True) > 0, m, 1.0)
+        x_in, x_gen = inputs.astype(np.float64) / 255.0, generated.astype(np.float64) / 255.0
+        pixel = self.lam * ((1.0 - m)[..., None] * (x_in - x_gen) ** 2).mean(axis=(1, 2, 3))
+        return {"semantic": (self.style_distance(generated, styles, masks) + pixel).astype(np.float32)}
