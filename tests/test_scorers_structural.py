@@ -45,6 +45,26 @@ def test_depth_scorer_tiny():
     assert s.depth(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 32, 32)
 
 
+def test_depth_cache_of_inputs():
+    pytest.importorskip("torch")
+    from jaxedit.scorers.depth import DepthScorer
+    s = DepthScorer.tiny(cache_size=3)
+    calls = []
+    depth = s.depth
+    s.depth = lambda images: calls.append(len(images)) or depth(images)
+    a = data.astronaut()[None, ::4, ::4]
+    b, c, d = a[:, ::-1], a[:, :, ::-1], 255 - a
+    x = np.concatenate([a, b, a, b])  # pair layout repeats each input
+    np.testing.assert_allclose(s.depth_cached(x), depth(x), atol=1e-5)  # (batch composition: float noise)
+    assert calls == [2]
+    np.testing.assert_allclose(s.depth_cached(np.concatenate([b, c])), depth(np.concatenate([b, c])), atol=1e-5)
+    assert calls == [2, 1] and len(s._cache) == 3
+    s.depth_cached(d)  # evicts the least recently used (a)
+    assert calls == [2, 1, 1] and len(s._cache) == 3
+    s.depth_cached(a)
+    assert calls == [2, 1, 1, 1]
+
+
 def test_depth_preprocessing_matches_transformers_processor():
     """Same resized size as transformers' DPT processor (keep aspect, multiples of 14), and the
     same depth up to the resampling filter (PIL's bicubic there, torch's antialiased bicubic here)."""
