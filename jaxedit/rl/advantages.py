@@ -1,4 +1,5 @@
-"""Per-batch advantages and pair preferences (Specialists 3.2). Pure jnp, jittable.
+"""Per-batch advantages and pair preferences (Specialists 3.2; pure jnp, jittable), and the
+per-prompt stat tracker of PPO (host-side NumPy).
 
 Scores are losses: LOWER is better for every score here (DESIGN.md, Scores).
 
@@ -10,6 +11,7 @@ batch of 2P samples holds the two members of pair p at rows p and P + p,
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 EPS = 1e-8
 
@@ -65,3 +67,44 @@ def pareto_preference(*scores):
     a_dom = (a <= b).all(0) & (a < b).any(0)
     b_dom = (b <= a).all(0) & (b < a).any(0)
     return a_dom.astype(jnp.float32), ((a_dom | b_dom) & finite).astype(jnp.float32)
+
+
+class PromptStatTracker:
+    """Per-prompt reward normalisation for PPO (DDPO's per-prompt stat tracker). Host-side NumPy.
+
+    ``update(prompts, rewards)`` appends each prompt's rewards to its buffer (the last
+    ``buffer_size`` kept), then normalises them by that buffer's mean and population std
+    (+1e-6) when it holds at least ``min_count`` rewards, else by the whole batch's; returns
+    float64 advantages (N,). ``get_state``/``set_state``: a JSON-serialisable dict for checkpoints.
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16):
+        if buffer_size < 1 or min_count < 1:
+            raise ValueError(f"buffer_size and min_count must be >= 1, got {buffer_size}, {min_count}")
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[str, list[float]] = {}
+
+    def update(self, prompts, rewards) -> np.ndarray:
+        prompts = [str(p) for p in prompts]
+        rewards = np.asarray(rewards, np.float64)
+        if rewards.shape != (len(prompts),):
+            raise ValueError(f"rewards {rewards.shape} must be one per prompt ({len(prompts)})")
+        batch_mean, batch_std = rewards.mean(), rewards.std() + 1e-6
+        out = np.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):  # first-seen order
+            sel = np.array([p == prompt for p in prompts])
+            buf = (self.buffers.get(prompt, []) + rewards[sel].tolist())[-self.buffer_size:]
+            self.buffers[prompt] = buf
+            mean, std = (np.mean(buf), np.std(buf) + 1e-6) if len(buf) >= self.min_count else (batch_mean, batch_std)
+            out[sel] = (rewards[sel] - mean) / std
+        return out
+
+    def get_state(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "buffers": {k: list(v) for k, v in self.buffers.items()}}
+
+    def set_state(self, state: dict) -> None:
+        if (state["buffer_size"], state["min_count"]) != (self.buffer_size, self.min_count):
+            raise ValueError(f"stat tracker state has buffer_size/min_count {state['buffer_size']}/"
+                             f"{state['min_count']}, this tracker {self.buffer_size}/{self.min_count}")
+        self.buffers = {k: [float(x) for x in v] for k, v in state["buffers"].items()}
