@@ -171,6 +171,7 @@ def test_registry_and_checks():
         make_scorer("nope")
     register_scorer("test_lazy", "jaxedit.scorers.simple:SimpleScorer")
     assert isinstance(make_scorer("test_lazy"), SimpleScorer)
+    assert isinstance(make_scorer("jaxedit.scorers.simple:SimpleScorer", lam=0.2), SimpleScorer)  # unregistered target
     with pytest.raises(ValueError, match="already registered"):
         register_scorer("simple", lambda: None)
     inputs, generated, styles, masks = _batch(b=2)

@@ -47,10 +47,12 @@ def available_scorers() -> tuple[str, ...]:
 
 
 def make_scorer(name: str, **kwargs: Any) -> Scorer:
-    """Builds the scorer registered as `name` with `kwargs` (e.g. make_scorer("simple", lam=0.05))."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(available_scorers())}")
-    factory = _REGISTRY[name]
+    """Builds the scorer registered as `name` (or the "module:attribute" factory `name`) with
+    `kwargs`, e.g. make_scorer("simple", lam=0.05)."""
+    factory = _REGISTRY.get(name, name if ":" in name else None)  # or a "module:attribute" target
+    if factory is None:
+        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(available_scorers())} "
+                         "(or a 'module:attribute' factory)")
     if isinstance(factory, str):
         module, attr = factory.split(":")
         factory = getattr(importlib.import_module(module), attr)

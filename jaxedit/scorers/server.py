@@ -22,16 +22,10 @@ import sys
 import threading
 import time
 
-from jaxedit.scorers.base import make_scorer, register_scorer
+from jaxedit.scorers.base import make_scorer
 from jaxedit.scorers.shm_queue import serve
 
 FIELDS = ("inputs", "generated", "styles", "masks")
-
-
-def build(scorer: str, kwargs: dict):
-    if ":" in scorer:
-        register_scorer(scorer, scorer)
-    return make_scorer(scorer, **kwargs)
 
 
 def make_handler(scorer):
@@ -56,7 +50,7 @@ def main(argv=None) -> None:
     if a.exit_with_parent:
         parent = os.getppid()
         threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
-    scorer = build(a.scorer, json.loads(a.kwargs))
+    scorer = make_scorer(a.scorer, **json.loads(a.kwargs))
     context = contextlib.nullcontext()
     if "torch" in sys.modules:
         import torch
