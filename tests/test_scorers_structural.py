@@ -7,7 +7,6 @@ from skimage import data
 from jaxedit.scorers.edges import EdgeScorer, canny
 
 
-
 def _shifted(images, k):
     return np.roll(images, k, axis=2)
 
@@ -29,7 +28,7 @@ def test_canny_maps_and_edge_score():
 
 
 def test_depth_scorer_tiny():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from jaxedit.scorers.depth import DepthScorer
     s = DepthScorer.tiny()
     a = np.stack([data.astronaut(), data.astronaut()[:, ::-1]])
