@@ -42,6 +42,8 @@ import optax
 
 from jaxedit.diffusion.ddim import ddim_step_with_logprob
 from jaxedit.diffusion.schedules import Schedule
+from jaxedit.rl.update import (TrainState, accumulate, apply_if_finite, at_steps, chunked,  # noqa: F401
+                               init_train_state, map_axes)
 
 
 # ------------------------------------------------------------------------------------ the loss
@@ -75,24 +77,7 @@ def d3po_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, valid, *, beta: float = 0.
     return metrics["loss"], metrics
 
 
-# ------------------------------------------------------------------------------- state, batch
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """params: the TRAINABLE tree (full U-Net params, or LoRA params); opt_state; step: () int32
-    count of applied (non-skipped) updates."""
-    params: Any
-    opt_state: Any
-    step: jax.Array
-
-
-def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-    """TrainState with a COPY of ``params`` (the update donates the state: in full mode the
-    reference params must not share buffers with it)."""
-    params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-
-
+# ---------------------------------------------------------------------------------- the batch
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class D3POBatch:
@@ -119,23 +104,10 @@ def timestep_order(key, steps: int, pairs: int, trained: int):
     return perms[:, :trained].astype(jnp.int32)
 
 
-def _map_axes(fn, axes, cond, shared=lambda leaf: leaf):
-    """Apply ``fn`` to the leaves of ``cond`` whose axis (``axes``: a prefix tree of 0 / None) is 0,
-    and ``shared`` to the others."""
-    return jax.tree_util.tree_map(
-        lambda ax, sub: jax.tree_util.tree_map(shared if ax is None else fn, sub),
-        axes, cond, is_leaf=lambda x: x is None)
-
-
 def _winner_loser(x, w):
     """(2P,) pair layout, w (P,) bool -> (x_winner (P,), x_loser (P,))."""
     a, b = jnp.split(x, 2)
     return jnp.where(w, a, b), jnp.where(w, b, a)
-
-
-def _at_steps(x, i):
-    """x (S, N, ...), i (N,) -> (N, ...): sample n at step i[n]."""
-    return jnp.take_along_axis(x, i.reshape((1, -1) + (1,) * (x.ndim - 2)), axis=0)[0]
 
 
 # ---------------------------------------------------------------------------------- the update
@@ -176,35 +148,12 @@ def make_update(denoise: Callable, optimizer: optax.GradientTransformation, sche
         raise ValueError(f"D3PO needs a stochastic sampler: eta={eta} must be > 0")
     merge = merge if merge is not None else (lambda trainable, ref: trainable)
 
-    def eps_per_sample(params, cond2, x, t):
-        """x (N,h,w,c), t (N,): one batched denoise call, each sample at its own timestep."""
-        return denoise(params, cond2, x, t)
-
-    def chunk_grads(acc, trainable, ref_params, t_table, chunk, grad_scale):
-        """acc + the sums over the K trained steps of one chunk's (grads × grad_scale, metrics)."""
-        x_t, x_prev, order, cond, win, valid = chunk
-        steps = x_t.shape[0]
-        cond2 = _map_axes(lambda l: jnp.concatenate([l, l]), cond_axes, cond)  # both members
-
-        def log_prob(params, i):
-            xt, t = _at_steps(x_t, i), t_table[i]
-            eps = eps_per_sample(params, cond2, xt, t)
-            return ddim_step_with_logprob(schedule, eps, t, xt, eta=eta, steps=steps,
-                                          prev_sample=_at_steps(x_prev, i))[1]
-
-        def step_loss(trainable, i, ref_lp):
-            lp = log_prob(merge(trainable, ref_params), i)
-            loss, m = d3po_loss(*_winner_loser(lp, win), *_winner_loser(ref_lp, win), valid,
-                                beta=beta, clip_eps=clip_eps)
-            return loss * grad_scale, m  # the accumulated gradient is then the mean over steps
-
-        def body(carry, i):
-            ref_lp = jax.lax.stop_gradient(log_prob(ref_params, i))
-            (_, m), g = jax.value_and_grad(step_loss, has_aux=True)(trainable, i, ref_lp)
-            return _add(carry, (g, m)), None
-
-        idx = jnp.concatenate([order, order], axis=0).T  # (K, 2P/M): step of each sample
-        return jax.lax.scan(body, acc, idx)[0]
+    def log_prob(params, x_t, x_prev, t_table, cond2, i):
+        """Log-probs of the recorded actions, each sample at its own step i[n]: one denoise call."""
+        xt, t = at_steps(x_t, i), t_table[i]
+        eps = denoise(params, cond2, xt, t)
+        return ddim_step_with_logprob(schedule, eps, t, xt, eta=eta, steps=x_t.shape[0],
+                                      prev_sample=at_steps(x_prev, i))[1]
 
     def update(state: TrainState, ref_params, batch: D3POBatch, key):
         steps, n = batch.x_t.shape[:2]
@@ -222,40 +171,31 @@ def make_update(denoise: Callable, optimizer: optax.GradientTransformation, sche
             if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != pairs:
                 raise ValueError(f"cond leaf of shape {jnp.shape(leaf)} is marked per-pair by cond_axes "
                                  f"but has no leading axis of {pairs} pairs")
-            return jnp.reshape(leaf, (m, pairs // m) + jnp.shape(leaf)[1:])
+            return chunked(leaf, m)
 
         def samples(x):  # (S, 2P, ...) pair layout -> (M, S, 2P/M, ...) pair layout per chunk
             x = x.reshape((steps, 2, m, pairs // m) + x.shape[2:])
             return jnp.moveaxis(x, 2, 0).reshape((m, steps, n // m) + x.shape[4:])
 
+        def step_loss(trainable, chunk, i):
+            x_t, x_prev, cond, win, valid = chunk
+            cond2 = map_axes(lambda l: jnp.concatenate([l, l]), cond_axes, cond)  # both members
+            ref_lp = jax.lax.stop_gradient(log_prob(ref_params, x_t, x_prev, batch.t, cond2, i))
+            lp = log_prob(merge(trainable, ref_params), x_t, x_prev, batch.t, cond2, i)
+            return d3po_loss(*_winner_loser(lp, win), *_winner_loser(ref_lp, win), valid,
+                             beta=beta, clip_eps=clip_eps)
+
         chunks = (samples(batch.x_t), samples(batch.x_prev),
-                  per_pair(timestep_order(key, steps, pairs, trained)),
-                  _map_axes(per_pair, cond_axes, batch.cond, lambda l: jnp.broadcast_to(l, (m,) + jnp.shape(l))),
+                  map_axes(per_pair, cond_axes, batch.cond, lambda l: jnp.broadcast_to(l, (m,) + jnp.shape(l))),
                   per_pair(batch.winner_is_first > 0.5), per_pair(batch.valid))
+        order = per_pair(timestep_order(key, steps, pairs, trained))        # (M, P/M, K)
+        step_index = jnp.concatenate([order, order], axis=1).transpose(0, 2, 1)  # (M, K, 2P/M), both members
         z = jnp.zeros((pairs // m,), jnp.float32)
-        zeros = (jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
-                 jax.tree_util.tree_map(jnp.zeros_like, d3po_loss(z, z, z, z, z)[1]))
-        g_mean, m_sum = jax.lax.scan(
-            lambda acc, c: (chunk_grads(acc, state.params, ref_params, batch.t, c, 1.0 / (trained * m)), None),
-            zeros, chunks)[0]
-        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), g_mean, state.params)
-        metrics = {k: v / (trained * m) for k, v in m_sum.items()}
+        grads, metrics = accumulate(step_loss, state.params, chunks, step_index, d3po_loss(z, z, z, z, z)[1])
         n_valid = metrics["frac_valid"] * pairs  # ties add exactly log 2 to the mean loss
         metrics["loss_valid"] = (metrics["loss"] * pairs - (pairs - n_valid) * math.log(2)) / jnp.maximum(n_valid, 1)
-        grad_norm = optax.tree.norm(grads)  # non-finite iff some gradient entry is (or overflows)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-
-        def apply(state):
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
-        # A cond, not a per-leaf select: a skipped update costs nothing and compiles to fewer kernels.
-        new_state = jax.lax.cond(finite, apply, lambda state: state, state)
-        metrics.update(grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
+        new_state, grad_norm, skipped = apply_if_finite(state, optimizer, grads, metrics["loss"])
+        metrics.update(grad_norm=grad_norm, skipped=skipped)
         return new_state, metrics
 
     return jax.jit(update, donate_argnums=0)
-
-
-def _add(acc, x):
-    """acc + x leafwise, x cast to acc's dtype (fp32 accumulators)."""
-    return jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), acc, x)
