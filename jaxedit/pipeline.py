@@ -21,9 +21,10 @@ import numpy as np
 from PIL import Image
 
 from jaxedit.data import images as imio
-from jaxedit.diffusion import guidance, sampler as sampling
+from jaxedit.diffusion import attention_maps, guidance, sampler as sampling
 from jaxedit.diffusion.schedules import Schedule
 from jaxedit.models import load, style_adapter, text
+from jaxedit.models.attention import ATTENTION_PROBS
 from jaxedit.models.state_dict import CheckpointError
 
 SAMPLERS = sampling.SAMPLERS
@@ -52,10 +53,11 @@ class EditPipeline:
         self._encode_image = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method=self.vae.encode).mode())
         self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=self.vae.decode))
         # The sampler's denoiser (guidance included): build once, its jit is keyed on this object.
-        if self.style:
-            self.denoise = guidance.specialist_denoiser(lambda p, *a: self.unet.apply({"params": p}, *a))
-        else:
-            self.denoise = guidance.ip2p_denoiser(lambda p, *a: self.unet.apply({"params": p}, *a))
+        make = guidance.specialist_denoiser if self.style else guidance.ip2p_denoiser
+        self.denoise = make(lambda p, *a: self.unet.apply({"params": p}, *a))
+        self._recording = make(lambda p, *a: self.unet.apply({"params": p}, *a, mutable=[ATTENTION_PROBS]),
+                               with_aux=True)
+        self._attention_denoisers: dict[int, Callable] = {}
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, variant: str | None = None) -> "EditPipeline":
@@ -105,6 +107,25 @@ class EditPipeline:
         os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
         with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump(self.scheduler_config, f, indent=2)
+
+    def attention_denoiser(self, downsample: int) -> Callable:
+        """The denoiser that also returns the instruction's cross-attention map (same eps as
+        ``denoise``): ``(params, (cond, token_weights (B,L)), x, t) -> (eps, map (B,h/d,w/d))``
+        with ``d = downsample``; for ``sample(..., aux=True)``, which averages the maps over steps.
+        One object per ``downsample`` (the sampler's jit is keyed on it)."""
+        if downsample not in self._attention_denoisers:
+            def denoise(params, cond_and_weights, x, t):
+                cond, weights = cond_and_weights
+                eps, sown = self._recording(params, cond, x, t)
+                return eps, attention_maps.reduce_maps(sown[ATTENTION_PROBS], weights, x.shape[1:3], downsample)
+            self._attention_denoisers[downsample] = denoise
+        return self._attention_denoisers[downsample]
+
+    def instruction_token_weights(self, prompts: Sequence[str]) -> np.ndarray:
+        """(B, 77) float32 weights averaging a prompt's instruction tokens (not start/end/padding)."""
+        length = self.text_encoder.config.max_position_embeddings
+        counts = [len(self.tokenizer(p, truncation=True, max_length=length).input_ids) - 2 for p in prompts]
+        return attention_maps.instruction_token_weights(counts, length)
 
     @property
     def vae_scale_factor(self) -> int:

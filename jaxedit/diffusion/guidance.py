@@ -128,29 +128,38 @@ def _row_timesteps(t, batch: int, blocks: int):
     return jnp.tile(jnp.broadcast_to(t, (batch,)), blocks)
 
 
-def ip2p_denoiser(apply_fn: Callable) -> Callable:
+def _with_aux(combine, out, with_aux: bool):
+    """combine(eps_rows), passing an apply_fn's (eps_rows, aux) pair through when ``with_aux``."""
+    return (combine(out[0]), out[1]) if with_aux else combine(out)
+
+
+def ip2p_denoiser(apply_fn: Callable, with_aux: bool = False) -> Callable:
     """Sampler denoiser ``(params, IP2PCond, x (B,h,w,4), t () or (B,)) -> eps (B,h,w,4)``.
 
-    apply_fn(params, sample (3B,h,w,8), timesteps (3B,), context (3B,L,D)) -> eps (3B,h,w,4).
+    apply_fn(params, sample (3B,h,w,8), timesteps (3B,), context (3B,L,D)) -> eps (3B,h,w,4)
+    (with ``with_aux``: -> (eps, aux), and the denoiser returns (eps (B,h,w,4), aux) with aux
+    untouched, e.g. sown attention probabilities of all 3B rows).
     Build it once and reuse the same object: the sampler's jit is keyed on it.
     """
     def denoise(params, cond: IP2PCond, x, t):
         model_in, context = ip2p_rows(x, cond.image_latents, cond.text_emb, cond.uncond_emb)
         ts = _row_timesteps(t, x.shape[0], 3)
-        return ip2p_combine(apply_fn(params, model_in, ts, context), cond.s_text, cond.s_image)
+        return _with_aux(lambda e: ip2p_combine(e, cond.s_text, cond.s_image), apply_fn(params, model_in, ts, context),
+                         with_aux)
     return denoise
 
 
-def specialist_denoiser(apply_fn: Callable) -> Callable:
+def specialist_denoiser(apply_fn: Callable, with_aux: bool = False) -> Callable:
     """Sampler denoiser ``(params, SpecialistCond, x (B,h,w,4), t () or (B,)) -> eps (B,h,w,4)``.
 
     apply_fn(params, z, image, style, timesteps (4B,), context, style_keep (4B,)) -> eps (4B,h,w,4)
-    (the argument order of ``StyleConditionedUNet``). Build once and reuse.
+    (the argument order of ``StyleConditionedUNet``; ``with_aux`` as ``ip2p_denoiser``). Build once
+    and reuse.
     """
     def denoise(params, cond: SpecialistCond, x, t):
         r = specialist_rows(x, cond.image_latents, cond.style_latents, cond.text_emb, cond.uncond_emb,
                             cond.style_keep)
         ts = _row_timesteps(t, x.shape[0], 4)
-        eps = apply_fn(params, r.z, r.image, r.style, ts, r.context, r.style_keep)
-        return specialist_combine(eps, cond.s_text, cond.s_image, cond.s_style)
+        out = apply_fn(params, r.z, r.image, r.style, ts, r.context, r.style_keep)
+        return _with_aux(lambda e: specialist_combine(e, cond.s_text, cond.s_image, cond.s_style), out, with_aux)
     return denoise

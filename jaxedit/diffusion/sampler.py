@@ -52,55 +52,70 @@ def make_plan(schedule: Schedule, steps: int, sampler: str = "ddim"):
     raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
 
 
-@functools.partial(jax.jit, static_argnames=("denoise", "eta", "return_trajectory"))
+@functools.partial(jax.jit, static_argnames=("denoise", "eta", "return_trajectory", "aux"))
 def sample_scan(denoise: Callable, params, cond, schedule: Schedule, plan, x_T, key, noises=None, *,
-                eta: float = 1.0, return_trajectory: bool = False):
+                eta: float = 1.0, return_trajectory: bool = False, aux: bool = False):
     """Run the sampler described by ``plan`` from standard-normal ``x_T`` (B,h,w,c).
 
-    Static: denoise, eta, return_trajectory. Traced: params, cond, schedule, plan, x_T, key,
+    Static: denoise, eta, return_trajectory, aux. Traced: params, cond, schedule, plan, x_T, key,
     noises. Per-step keys are ``jax.random.split(key, S)``; ``noises`` (S,B,h,w,c), if given,
     replaces the random draws (tests). Euler scales x_T by ``plan.init_noise_sigma``; ``eta`` is
-    DDIM's. Returns x_0 (B,h,w,c), or (x_0, Trajectory) with ``return_trajectory``.
+    DDIM's. With ``aux`` the denoiser returns ``(eps, aux_tree)`` and the mean of aux_tree over
+    the steps is returned last (e.g. cross-attention maps). Returns x_0 (B,h,w,c), plus the
+    Trajectory with ``return_trajectory``, plus the aux mean with ``aux``.
     """
     x = jnp.asarray(x_T, jnp.float32)
     steps = plan.timesteps.shape[0]
     keys = jax.random.split(key, steps)
-    if isinstance(plan, DDIMPlan):
-        xs = (plan.timesteps, keys, noises)
+    euler = isinstance(plan, EulerPlan)
+    if not euler and not isinstance(plan, DDIMPlan):
+        raise TypeError(f"unknown plan type {type(plan).__name__}")
 
-        def body(x, inp):
+    def eps_and_aux(x, t, sigma=None):
+        out = denoise(params, cond, x if sigma is None else scale_model_input(x, sigma), t)
+        return out if aux else (out, None)
+
+    def body(carry, inp):
+        x, acc = carry
+        if euler:
+            t, sigma, sigma_next, k, n = inp
+            eps, a = eps_and_aux(x, t, sigma)
+            x_prev, lp = euler_ancestral_step(eps, x, sigma, sigma_next, key=k, noise=n)
+        else:
             t, k, n = inp
-            eps = denoise(params, cond, x, t)
+            eps, a = eps_and_aux(x, t)
             x_prev, lp = ddim_step_with_logprob(schedule, eps, t, x, eta=eta, steps=steps, key=k, noise=n)
-            return x_prev, ((x, x_prev, lp, t) if return_trajectory else None)
-    elif isinstance(plan, EulerPlan):
+        acc = jax.tree_util.tree_map(lambda s, v: s + v / steps, acc, a) if aux else None
+        return (x_prev, acc), ((x, x_prev, lp, t) if return_trajectory else None)
+
+    if euler:
         x = x * plan.init_noise_sigma
         xs = (plan.timesteps, plan.sigmas[:-1], plan.sigmas[1:], keys, noises)
-
-        def body(x, inp):
-            t, sigma, sigma_next, k, n = inp
-            eps = denoise(params, cond, scale_model_input(x, sigma), t)
-            x_prev, lp = euler_ancestral_step(eps, x, sigma, sigma_next, key=k, noise=n)
-            return x_prev, ((x, x_prev, lp, t) if return_trajectory else None)
     else:
-        raise TypeError(f"unknown plan type {type(plan).__name__}")
-    x, traj = jax.lax.scan(body, x, xs)
-    return (x, Trajectory(*traj)) if return_trajectory else x
+        xs = (plan.timesteps, keys, noises)
+    acc = None
+    if aux:  # zeros shaped like the denoiser's aux output
+        shapes = jax.eval_shape(lambda: eps_and_aux(x, plan.timesteps[0], plan.sigmas[0] if euler else None)[1])
+        acc = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (x, acc), traj = jax.lax.scan(body, (x, acc), xs)
+    out = (x,) + ((Trajectory(*traj),) if return_trajectory else ()) + ((acc,) if aux else ())
+    return out if len(out) > 1 else x
 
 
 def sample(denoise: Callable, params, cond, schedule: Schedule, x_T, key, *, steps: int,
-           sampler: str = "ddim", eta: float = 1.0, return_trajectory: bool = False, noises=None):
+           sampler: str = "ddim", eta: float = 1.0, return_trajectory: bool = False, noises=None,
+           aux: bool = False):
     """Sample with ``steps`` steps of ``sampler`` ("ddim" | "euler_ancestral").
 
     denoise(params, cond, x (B,h,w,c), t ()) -> eps (B,h,w,c); x_T: (B,h,w,c) standard normal;
     key: PRNG key; eta: DDIM's η (static; 0 = deterministic, log_prob 0); noises: optional
-    (S,B,h,w,c) injected step noise. Builds the plan on the host
-    (Euler needs a concrete ``schedule``) and calls the jitted ``sample_scan``.
-    Returns x_0 (B,h,w,c) or (x_0, Trajectory).
+    (S,B,h,w,c) injected step noise; aux: the denoiser returns (eps, aux) and the step mean of aux
+    is returned too. Builds the plan on the host (Euler needs a concrete ``schedule``) and calls
+    the jitted ``sample_scan``. Returns x_0 (B,h,w,c), or a tuple (x_0, [Trajectory], [aux mean]).
     """
     plan = make_plan(schedule, steps, sampler)
     if noises is not None and noises.shape != (steps, *x_T.shape):
         raise ValueError(f"noises has shape {noises.shape}, want {(steps, *x_T.shape)}")
     eta = float(eta) if sampler == "ddim" else 1.0  # Euler ignores eta: don't recompile for it
     return sample_scan(denoise, params, cond, schedule, plan, x_T, key, noises,
-                       eta=eta, return_trajectory=bool(return_trajectory))
+                       eta=eta, return_trajectory=bool(return_trajectory), aux=bool(aux))
