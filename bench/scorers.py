@@ -9,6 +9,8 @@ Models, built from the real architectures' configs with random weights (nothing 
   its images/s here counts images through the model);
 - ``clip``: CLIP ViT-B/16 vision tower + projection (86 M), 224 px, `embed.EmbeddingScorer`;
 - ``dinov2``: DINOv2 ViT-B/14 (86 M), 224 px, `embed.EmbeddingScorer`;
+- ``dreamsim``: DreamSim = DINO + CLIP + OpenCLIP ViT-B/16 (3 x 86 M), 224 px (PIL resize),
+  `embed.EmbeddingScorer` over `dreamsim.DreamSim.random()` (the real configs);
 - ``edges``: Canny (OpenCV), for scale.
 
 torch threads = cores, ``torch.inference_mode``. Writes ``bench/results/scorers.json``.
@@ -53,18 +55,21 @@ def build(name: str):
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=768, intermediate_size=3072,
                                                                num_hidden_layers=12, num_attention_heads=12,
                                                                image_size=224, patch_size=16, projection_dim=512))
+    elif name == "dreamsim":
+        from jaxedit.scorers.dreamsim import DreamSim
+        model = DreamSim.random()
     elif name == "dinov2":
         model = Dinov2Model(Dinov2Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                          num_attention_heads=12, image_size=518, patch_size=14))
     else:
         raise ValueError(name)
-    scorer = EmbeddingScorer(model, name, size=224)
+    scorer = EmbeddingScorer(model, name, size=224)  # DreamSim: its own 224
     return scorer.embed, sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scorers", default="edges,depth,clip,dinov2")
+    ap.add_argument("--scorers", default="edges,depth,clip,dinov2,dreamsim")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)

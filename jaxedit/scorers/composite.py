@@ -6,9 +6,10 @@ structural: "depth" (Depth Anything V2, `depth.DepthScorer`; ``depth_weights`` a
 transformers-format folder, or "tiny" for a small RANDOM model in tests), "edges" (Canny,
 `edges.EdgeScorer`) or "sobel" (the weight-free Sobel score of `simple.SimpleScorer`).
 semantic: "stats" (the weight-free masked colour/texture statistics + λ·pixel term of
-`simple.SimpleScorer`) or "clip" / "dinov2" (`embed.EmbeddingScorer`: embedding cosine distance
-of the masked edit to the style image + the same λ·pixel term; ``embed_weights`` a local
-transformers folder or "tiny"). Lower is better for both. Depth and embeddings import torch:
+`simple.SimpleScorer`) or "clip" / "dinov2" / "dreamsim" (`embed.EmbeddingScorer`: embedding
+cosine distance of the masked edit to the style image + the same λ·pixel term; ``embed_weights``
+a local transformers folder, for "dreamsim" DreamSim's checkpoint folder (see
+`dreamsim.DreamSim.from_original`), or "tiny"). Lower is better for both. Depth and embeddings import torch:
 build this in the scorer process (``score.process=True``).
 """
 from __future__ import annotations
@@ -28,15 +29,16 @@ class SpecialistScorer:
         self.simple = SimpleScorer(lam=lam)
         if semantic == "stats":
             self.semantic = None
-        elif semantic in ("clip", "dinov2"):
+        elif semantic in ("clip", "dinov2", "dreamsim"):
             from jaxedit.scorers.embed import EmbeddingScorer  # torch
             if not embed_weights:
                 raise ValueError(f"semantic={semantic!r} needs embed_weights: a local transformers folder "
-                                 "of the encoder, or 'tiny' for a small random model")
+                                 "of the encoder (DreamSim: its checkpoint folder), or 'tiny' for a small "
+                                 "random model")
             self.semantic = (EmbeddingScorer.tiny(semantic, lam=lam, device=device) if embed_weights == "tiny"
                              else EmbeddingScorer.from_pretrained(embed_weights, semantic, lam=lam, device=device))
         else:
-            raise ValueError(f"semantic={semantic!r}: expected 'stats', 'clip' or 'dinov2'")
+            raise ValueError(f"semantic={semantic!r}: expected 'stats', 'clip', 'dinov2' or 'dreamsim'")
         if structural == "depth":
             from jaxedit.scorers.depth import DepthScorer  # torch
             if not depth_weights:

@@ -1,4 +1,4 @@
-"""Image embeddings (CLIP, DINOv2) and the embedding semantic score (Specialists Eq. 9).
+"""Image embeddings (CLIP, DINOv2, DreamSim) and the embedding semantic score (Specialists Eq. 9).
 
     semantic = cosdist(f(m ⊙ I_gen), f(I_sty)) + λ · mean_{h,w,c}((1 − m) ⊙ (I_in − I_gen)²)
 
@@ -7,12 +7,14 @@ style image is a texture and is used whole, the paper's m_sty = 1); pixels in [0
 zero area counts as the whole frame. f:
 
 - "clip": `CLIPVisionModelWithProjection` image embeddings (projected), CLIP mean/std;
-- "dinov2": `Dinov2Model` CLS token after the final layer norm (``pooler_output``), ImageNet mean/std.
+- "dinov2": `Dinov2Model` CLS token after the final layer norm (``pooler_output``), ImageNet mean/std;
+- "dreamsim": `dreamsim.DreamSim` (DINO + CLIP + OpenCLIP ViT-B/16, LoRA merged), its own
+  pre-processing (224, PIL bicubic, per-backbone mean/std); weights: DreamSim's checkpoint folder.
 
 Pre-processing: the whole image resized to ``size`` x ``size`` (224; bicubic, antialiased; no
 crop, so nothing of the masked region is cut away), normalised. Weights: a local transformers
-folder (``from_pretrained``); ``tiny(kind)`` builds a small random model for tests. (DreamSim,
-the paper's default f, is an ensemble of such encoders: to be added behind the same interface.)
+folder (``from_pretrained``; for "dreamsim" the original checkpoint folder, see
+`dreamsim.DreamSim.from_original`); ``tiny(kind)`` builds a small random model for tests.
 PyTorch: imported only in the scorer process.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from jaxedit.scorers.base import check_batch
 
 NORMALISATION = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
                  "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+KINDS = ("clip", "dinov2", "dreamsim")  # "dreamsim" normalises per backbone, inside DreamSim
 
 
 def tiny_model(kind: str, seed: int = 0):
@@ -37,7 +40,10 @@ def tiny_model(kind: str, seed: int = 0):
     if kind == "dinov2":
         return Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=2, image_size=56, patch_size=14))
-    raise ValueError(f"embedding kind {kind!r}: expected 'clip' or 'dinov2'")
+    if kind == "dreamsim":
+        from jaxedit.scorers.dreamsim import DreamSim
+        return DreamSim.tiny(seed)
+    raise ValueError(f"embedding kind {kind!r}: expected one of {KINDS}")
 
 
 class EmbeddingScorer:
@@ -46,13 +52,17 @@ class EmbeddingScorer:
 
     def __init__(self, model, kind: str, *, lam: float = 0.05, size: int = 224, batch_size: int = 16,
                  device: str = "cpu"):
-        if kind not in NORMALISATION:
-            raise ValueError(f"embedding kind {kind!r}: expected one of {sorted(NORMALISATION)}")
+        if kind not in KINDS:
+            raise ValueError(f"embedding kind {kind!r}: expected one of {KINDS}")
         self.model, self.kind = model.to(device).eval(), kind
+        size = model.image_size if kind == "dreamsim" else size  # DreamSim resizes to its own input
         self.lam, self.size, self.batch_size, self.device = float(lam), size, batch_size, device
 
     @classmethod
     def from_pretrained(cls, path: str, kind: str, **kwargs) -> "EmbeddingScorer":
+        if kind == "dreamsim":
+            from jaxedit.scorers.dreamsim import DreamSim
+            return cls(DreamSim.from_original(path), kind, **kwargs)
         model_cls = {"clip": CLIPVisionModelWithProjection, "dinov2": Dinov2Model}[kind]
         return cls(model_cls.from_pretrained(path), kind, **kwargs)
 
@@ -63,6 +73,8 @@ class EmbeddingScorer:
     @torch.inference_mode()
     def embed(self, images: np.ndarray) -> np.ndarray:
         """uint8 or float-in-[0,255] (B, H, W, 3) -> float32 (B, D) unit-norm embeddings."""
+        if self.kind == "dreamsim":
+            return self.model.embed(images, batch_size=self.batch_size)
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALISATION[self.kind])
         out = []
         for i in range(0, len(images), self.batch_size):
