@@ -2,9 +2,9 @@
 
     semantic = cosdist(f(m ⊙ I_gen), f(I_sty)) + λ · mean_{h,w,c}((1 − m) ⊙ (I_in − I_gen)²)
 
-cosdist = 1 − cos, in [0, 2]; m ⊙ I sets the pixels outside the edit mask to black (the
-style image is a texture and is used whole, the paper's m_sty = 1); pixels in [0, 1]; a mask of
-zero area counts as the whole frame. f:
+cosdist = 1 − cos, in [0, 2]; m ⊙ I sets the pixels outside the edit mask to black (by default
+the style image is a texture and is used whole, the paper's m_sty = 1; with ``style_masks`` it is
+f(m_sty ⊙ I_sty)); pixels in [0, 1]; a mask of zero area (edit or style) counts as the whole frame. f:
 
 - "clip": `CLIPVisionModelWithProjection` image embeddings (projected), CLIP mean/std;
 - "dinov2": `Dinov2Model` CLS token after the final layer norm (``pooler_output``), ImageNet mean/std;
@@ -86,18 +86,27 @@ class EmbeddingScorer:
             out.append(F.normalize(e.float(), dim=-1).cpu().numpy())
         return np.concatenate(out)
 
-    def style_distance(self, generated, styles, masks) -> np.ndarray:
-        """cosdist(f(m ⊙ I_gen), f(I_sty)), float32 (B,)."""
+    def style_distance(self, generated, styles, masks, style_masks=None) -> np.ndarray:
+        """cosdist(f(m ⊙ I_gen), f(I_sty)), float32 (B,); with ``style_masks`` (B, Hs, Ws) in [0, 1]:
+        cosdist(f(m ⊙ I_gen), f(m_sty ⊙ I_sty))."""
         m = np.asarray(masks, np.float32)
         m = np.where(m.sum(axis=(1, 2), keepdims=True) > 0, m, 1.0)
         e_gen = self.embed(generated.astype(np.float32) * m[..., None])
-        e_sty = self.embed(styles)
+        if style_masks is None:
+            e_sty = self.embed(styles)
+        else:
+            ms = np.asarray(style_masks, np.float32)
+            if ms.shape != styles.shape[:3]:
+                raise ValueError(f"style_masks must be (B, Hs, Ws) = {styles.shape[:3]}, got {ms.shape}")
+            ms = np.where(ms.sum(axis=(1, 2), keepdims=True) > 0, ms, 1.0)
+            e_sty = self.embed(styles.astype(np.float32) * ms[..., None])
         return (1.0 - (e_gen * e_sty).sum(-1)).astype(np.float32)
 
-    def __call__(self, inputs, generated, styles, masks) -> dict[str, np.ndarray]:
+    def __call__(self, inputs, generated, styles, masks, style_masks=None) -> dict[str, np.ndarray]:
         inputs, generated, styles, masks = check_batch(inputs, generated, styles, masks)
         m = np.asarray(masks, np.float64)
         m = np.where(m.sum(axis=(1, 2), keepdims=True) > 0, m, 1.0)
         x_in, x_gen = inputs.astype(np.float64) / 255.0, generated.astype(np.float64) / 255.0
         pixel = self.lam * ((1.0 - m)[..., None] * (x_in - x_gen) ** 2).mean(axis=(1, 2, 3))
-        return {"semantic": (self.style_distance(generated, styles, masks) + pixel).astype(np.float32)}
+        style = self.style_distance(generated, styles, masks, style_masks)
+        return {"semantic": (style + pixel).astype(np.float32)}

@@ -18,7 +18,8 @@ semantic   = D_style + λ · mean_{h,w,c} ((1 − m) · (I_in − I_gen)²),    
   T_tex    = |mean(E(I_gen); m) − mean(E(I_sty))|       mean edge magnitude (texture), in [0, 1]
 where μ(·; m), σ(·; m) are the m-weighted mean and population std over the mask (soft masks
 are weights) and the style statistics are over the WHOLE style image (the paper's m_sty is the
-whole frame for texture style images). The pixel term's mean is over all H·W·3 values (pixels
+whole frame for texture style images), or m_sty-weighted when ``style_masks`` is given (a style
+mask of zero area counts as the whole frame). The pixel term's mean is over all H·W·3 values (pixels
 inside the mask contribute 0), as the paper's Eq. 9 with a mean instead of a sum.
 Default weights w = (1, 1, 1): every term is scaled to [0, 1] by its largest possible value.
 
@@ -72,7 +73,7 @@ def semantic_terms(inputs, generated, styles, masks, *, lam: float = 0.05,
                      sobel_edges(grayscale(styles)), lam, weights, empty_mask)
 
 
-def _semantic(inputs, generated, styles, masks, e_gen, e_sty, lam, weights, empty_mask):
+def _semantic(inputs, generated, styles, masks, e_gen, e_sty, lam, weights, empty_mask, style_masks=None):
     if empty_mask not in ("whole_frame", "no_style"):
         raise ValueError(f"empty_mask must be 'whole_frame' or 'no_style', got {empty_mask!r}")
     x_in, x_gen = inputs.astype(np.float64) / 255.0, generated.astype(np.float64) / 255.0
@@ -83,7 +84,12 @@ def _semantic(inputs, generated, styles, masks, e_gen, e_sty, lam, weights, empt
         m = np.where(empty[:, None, None], 1.0, m)
     m_stats = np.where(empty[:, None, None], 1.0, m)      # "no_style": any weights; D set to 0 below
     mean_g, std_g, tex_g = _stats(x_gen, e_gen, m_stats)
-    mean_s, std_s, tex_s = _stats(x_sty, e_sty, np.ones(x_sty.shape[:3]))
+    if style_masks is None:
+        m_sty = np.ones(x_sty.shape[:3])
+    else:
+        m_sty = np.asarray(style_masks, np.float64)
+        m_sty = np.where(m_sty.sum(axis=(1, 2), keepdims=True) > 0, m_sty, 1.0)
+    mean_s, std_s, tex_s = _stats(x_sty, e_sty, m_sty)
     t_mean = np.abs(mean_g - mean_s).mean(-1)
     t_std = 2.0 * np.abs(std_g - std_s).mean(-1)
     t_tex = np.abs(tex_g - tex_s)
@@ -114,15 +120,21 @@ class SimpleScorer:
         self.components, self.chunk = components, max(1, int(chunk))
         self.names = ("structural", "semantic") + (("semantic_style", "semantic_pixel") if components else ())
 
-    def __call__(self, inputs, generated, styles, masks) -> dict[str, np.ndarray]:
+    def __call__(self, inputs, generated, styles, masks, style_masks=None) -> dict[str, np.ndarray]:
+        """style_masks: optional (B, Hs, Ws) in [0, 1]; the style statistics are then m_sty-weighted."""
         inputs, generated, styles, masks = check_batch(inputs, generated, styles, masks)
+        if style_masks is not None:
+            style_masks = np.asarray(style_masks)
+            if style_masks.shape != styles.shape[:3]:
+                raise ValueError(f"style_masks must be (B, Hs, Ws) = {styles.shape[:3]}, got {style_masks.shape}")
         parts = {k: [] for k in ("structural", "semantic_style", "semantic_pixel")}
         for s in range(0, inputs.shape[0], self.chunk):
             sl = slice(s, s + self.chunk)
             e_gen = sobel_edges(grayscale(generated[sl]))
             parts["structural"].append(np.abs(sobel_edges(grayscale(inputs[sl])) - e_gen).mean(axis=(1, 2)))
             d, p = _semantic(inputs[sl], generated[sl], styles[sl], masks[sl], e_gen,
-                             sobel_edges(grayscale(styles[sl])), self.lam, self.weights, self.empty_mask)
+                             sobel_edges(grayscale(styles[sl])), self.lam, self.weights, self.empty_mask,
+                             None if style_masks is None else style_masks[sl])
             parts["semantic_style"].append(d), parts["semantic_pixel"].append(p)
         cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
         out = {"structural": cat["structural"], "semantic": cat["semantic_style"] + cat["semantic_pixel"]}
