@@ -1,7 +1,8 @@
-"""Shared defaults of every D3PO editing config (Image-Editing Specialists, paper Sec. 4).
+"""Shared defaults of every training config: D3PO editing configs (Image-Editing Specialists,
+paper Sec. 4) and the PPO config (InstructRL4Pix).
 
-Not run directly: each edit's config (e.g. `d3po_snow.py`) starts from `get_config()` here and
-sets its instruction, segmentation prompt and style. Every key exists here, so a typo in a
+Not run directly: each edit's config (e.g. `d3po_snow.py`, `ppo_instructrl4pix.py`) starts from
+`get_config()` here and sets what differs. Every key exists here, so a typo in a
 `--config.x.y=...` override is an error.
 """
 import ml_collections
@@ -9,6 +10,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.method = "d3po"                   # d3po (pairs + AI-feedback scores) | ppo (attention-map reward)
     c.seed = 0
     c.workdir = "runs/default"          # checkpoints, logs, image grids
     c.resume = True                     # continue from the newest checkpoint in workdir
@@ -31,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.edit.style = ""                   # style name (generated data) / style folder (real data)
 
     c.data = ml_collections.ConfigDict()
+    c.data.instructions = ""            # ppo: MagicBrush split folder (edit_sessions.json) or triples .jsonl
     c.data.images = ""                  # folder or list file of input images
     c.data.masks = ""                   # folder of masks with the same stems ("" = whole frame)
     c.data.styles = ""                  # folder of style images, cycled (the paper uses 5)
@@ -38,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_bad_files = 10
     c.data.worker_count = 0
     c.data.generate = 0                 # > 0: write this many generated road scenes to workdir/data and use them
+                                        # (ppo: as triples with `scenes.INSTRUCTIONS`)
     c.data.generate_styles = 5
 
     c.sample = ml_collections.ConfigDict()
@@ -54,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.lora_alpha = 4.0
     c.train.updates = 40                # the paper uses 15-40 updates
     c.train.samples_per_update = 512    # 256 pairs
-    c.train.micro_batch = 8             # pairs per gradient micro-batch (accumulated)
+    c.train.micro_batch = 8             # pairs (d3po) / samples (ppo) per gradient micro-batch (accumulated)
     c.train.timestep_fraction = 1.0     # fraction of the trajectory's steps trained
     c.train.lr = 3e-5
     c.train.weight_decay = 1e-4
@@ -62,16 +66,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.adam_b2 = 0.999
     c.train.max_grad_norm = 1.0
     c.train.beta = 0.1                  # D3PO beta
-    c.train.clip_eps = 0.1              # ratio clip
+    c.train.clip_eps = 0.1              # D3PO ratio clip
+    c.train.clip_range = 1e-4           # PPO ratio clip (DDPO)
+    c.train.adv_clip = 5.0              # PPO advantage clip
+    c.train.inner_epochs = 1            # PPO passes over each sampled batch
+    c.train.minibatches = 1             # PPO optimizer steps per pass (each over a shuffled 1/minibatches)
+    c.train.tracker_buffer = 16         # PPO per-prompt stat tracker: rewards kept per prompt
+    c.train.tracker_min_count = 16      # ... needed before a prompt's own statistics are used
     c.train.max_nonfinite = 3           # abort after this many skipped (non-finite) updates in a row
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0                    # held-out scores (heldout/*) before training and every N updates; 0 = off
     c.eval.images = ""                  # held-out inputs (folder or list file); styles from data.styles
+    c.eval.instructions = ""            # ppo: held-out instruction data (as data.instructions)
     c.eval.masks = ""
     c.eval.generate = 0                 # > 0: this many generated held-out scenes (another seed than data.generate)
 
     c.score = ml_collections.ConfigDict()
+    c.score.models = ""                 # folder with the paper's scorer weights (see train.PAPER_SCORERS): when set,
+                                        # score with depth + Grounded-SAM masks + DreamSim in the scorer process
     c.score.scorer = "simple"           # registered scorer name (or module:attribute)
     c.score.process = False             # score in a separate process over shared memory (PyTorch scorers)
     c.score.address = ""                # connect to a scorer server already listening here ("" = start one)
@@ -82,11 +95,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.score.restart = True              # restart a dead scorer process and resend (False: stop with its error)
     c.score.structural = "depth"        # scorer "specialist": depth | edges (Canny) | sobel
     c.score.depth_weights = ""          # local Depth Anything V2 folder (transformers format); "tiny" = random
-    c.score.semantic = "stats"          # scorer "specialist": stats (weight-free) | clip | dinov2
-    c.score.embed_weights = ""          # local CLIP vision / DINOv2 folder (transformers format); "tiny" = random
+    c.score.semantic = "stats"          # scorer "specialist": stats (weight-free) | clip | dinov2 | dreamsim
+    c.score.embed_weights = ""          # local CLIP vision / DINOv2 folder (transformers), DreamSim folder; "tiny" = random
+    c.score.segment_weights = ""        # "GDINO_DIR,SAM_DIR" (or "tiny"): masks by Grounded-SAM from edit.segment
+                                        # in the scorer ("" = the data's masks)
+    c.score.segment_style = True        # also mask the style image (f(m_sty * I_sty))
+    c.score.segment_fallback = "full"   # no detection: full | empty | error
     c.score.lam = 0.05                  # lambda of the masked pixel L2 term
     c.score.alpha = 1.0                 # weight of the semantic advantage
     c.score.ranking = "sum"             # sum | pareto
+
+    c.reward = ml_collections.ConfigDict()  # ppo: r = cos(a_1, a_2) + alpha * MAE * [MAE > tau]
+    c.reward.alpha = -1.0
+    c.reward.tau = 0.1                  # MAE threshold on the [0, 1] pixel scale (the paper gives no value)
+    c.reward.attention_downsample = 4   # maps of the cross-attention layers at latent/4 (16x16 for 512 px)
 
     c.log = ml_collections.ConfigDict()
     c.log.every = 1

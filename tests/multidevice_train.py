@@ -20,6 +20,7 @@ from test_train import tiny_config  # tests/ is on sys.path when run as a script
 
 from jaxedit import train
 from jaxedit.rl import d3po
+from jaxedit.trainers import d3po as d3po_trainer
 
 
 def trainer_metrics(workdir, devices):
@@ -36,12 +37,12 @@ def update_delta(workdir):
     mesh1 = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     loader = train.build_data(c, workdir, c.sample.batch_size // 2)
     text, uncond = pipe.encode_text([c.edit.instruction]), pipe.encode_text([""])
-    ph = train.sampling_phase(train.make_sampler(pipe, c), pipe, policy.trainable, loader, 1, mesh1, text, uncond,
+    ph = d3po_trainer.sampling_phase(d3po_trainer.make_sampler(pipe, c), pipe, policy.trainable, loader, 1, mesh1, text, uncond,
                               jax.random.key(0), train.build_scorer(c))
     pairs = ph["x_t"].shape[1] // 2
     win = jnp.asarray(np.arange(pairs) % 2, jnp.float32)
     batch = d3po.D3POBatch(ph["x_t"], ph["x_prev"], ph["t"], ph["cond"], win, jnp.ones(pairs))
-    update = d3po.make_update(pipe.denoise, optax.sgd(1.0), pipe.schedule, cond_axes=train._cond_axes(pipe))
+    update = d3po.make_update(pipe.denoise, optax.sgd(1.0), pipe.schedule, cond_axes=d3po_trainer.cond_axes(pipe))
     out = {}
     for n in (1, 4):
         mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
@@ -49,7 +50,7 @@ def update_delta(workdir):
         steps = NamedSharding(mesh, P(None, "data"))
         b = jax.tree_util.tree_map(lambda x: jax.device_put(x, rep), batch)
         b = d3po.D3POBatch(jax.device_put(batch.x_t, steps), jax.device_put(batch.x_prev, steps), b.t,
-                           train._map_pairs(lambda x: jax.device_put(x, split), train._cond_axes(pipe), b.cond),
+                           d3po_trainer.map_pairs(lambda x: jax.device_put(x, split), d3po_trainer.cond_axes(pipe), b.cond),
                            jax.device_put(win, split), b.valid)
         state = jax.device_put(d3po.init_train_state(policy.trainable, optax.sgd(1.0)), rep)
         new, m = update(state, jax.device_put(policy.ref_params, rep), b, jax.random.key(1))

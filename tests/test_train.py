@@ -25,8 +25,8 @@ def tiny_config(workdir, **extra):
     c = base.edit_config("add snow on the road", "snow", variant="tiny")
     c.workdir = str(workdir)
     for k, v in {**OVERRIDES, **extra}.items():
-        group, name = k.split(".")
-        c[group][name] = v
+        *group, name = k.split(".")
+        (c[group[0]] if group else c)[name] = v
     return c
 
 
@@ -111,5 +111,9 @@ def test_bad_config_is_a_clear_error(tmp_path):
         train.train(tiny_config(tmp_path, **{"data.generate": 0}), log=lambda s: None)
     with pytest.raises(ValueError, match=r"mesh.data=8: expected -1 \(all\) or 1..1 devices"):
         train.train(tiny_config(tmp_path, **{"mesh.data": 8}), log=lambda s: None)
-    with pytest.raises(ValueError, match="train.samples_per_update/2 = 4 pairs is not a positive multiple of 3"):
+    with pytest.raises(ValueError, match=r"train.samples_per_update/2 \(pairs\) = 4 is not a positive multiple of 3"):
         train.train(tiny_config(tmp_path, **{"sample.batch_size": 6}), log=lambda s: None)
+    with pytest.raises(ValueError, match="method='dpo': expected one of"):
+        train.train(tiny_config(tmp_path, **{"method": "dpo"}), log=lambda s: None)
+    with pytest.raises(ValueError, match="score.models=.*missing .*depth-anything-v2-small"):
+        train.train(tiny_config(tmp_path, **{"score.models": str(tmp_path)}), log=lambda s: None)

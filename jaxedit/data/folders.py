@@ -44,12 +44,15 @@ class DataError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ExampleIndex:
     """Validated training examples. `masks[i]` is None for a whole-frame mask; `sizes[i]` is
-    input i's original (width, height); `skipped` lists (path, reason) of unreadable files."""
+    input i's original (width, height); `styles` may be empty (no style image); `instructions[i]`
+    is example i's own instruction (instruction datasets, `jaxedit.data.instructions`; empty
+    otherwise); `skipped` lists (path, reason) of unreadable files."""
     images: tuple[str, ...]
     masks: tuple[str | None, ...]
     sizes: tuple[tuple[int, int], ...]
     styles: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...] = ()
+    instructions: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -145,14 +148,25 @@ def build_index(images: str, styles: str, masks: str | None = None, *, max_bad_f
                                 f"(ext one of {_accepted()}); pass masks=None for whole-frame masks")
             mask_paths[i] = table[s]
 
+    return validate(inputs, mask_paths, style_paths, max_bad_files=max_bad_files, threads=threads,
+                    what=images, styles_what=styles)
+
+
+def validate(inputs: list[str], mask_paths: list[str | None], style_paths: list[str], *,
+             instructions: list[str] | None = None, max_bad_files: int = 10, threads: int = 4,
+             what: str = "the inputs", styles_what: str = "the styles") -> ExampleIndex:
+    """Decodes every file once and builds the index (rules in the module docstring); examples whose
+    input or mask is unreadable are skipped together with their instruction. ``style_paths`` may
+    be empty (methods without a style image)."""
     checked = _sizes(inputs + [m for m in mask_paths if m] + style_paths, threads)
     in_sizes, rest = checked[:len(inputs)], checked[len(inputs):]
     mask_sizes = iter(rest[:len(rest) - len(style_paths)])
     style_checks = rest[len(rest) - len(style_paths):]
 
     skipped: list[tuple[str, str]] = []
-    keep_img, keep_mask, keep_size = [], [], []
-    for p, m, size in zip(inputs, mask_paths, in_sizes):
+    keep: list[int] = []
+    sizes = []
+    for i, (p, m, size) in enumerate(zip(inputs, mask_paths, in_sizes)):
         msize = next(mask_sizes) if m else None
         if isinstance(size, str):
             skipped.append((p, size))
@@ -163,7 +177,7 @@ def build_index(images: str, styles: str, masks: str | None = None, *, max_bad_f
         if msize is not None and msize != size:
             raise DataError(f"mask {m} is {msize[0]}x{msize[1]} (WxH) but its image {p} is "
                             f"{size[0]}x{size[1]}: masks must have their image's original size")
-        keep_img.append(p), keep_mask.append(m), keep_size.append(size)
+        keep.append(i), sizes.append(size)
     keep_styles = []
     for p, c in zip(style_paths, style_checks):
         (skipped.append((p, c)) if isinstance(c, str) else keep_styles.append(p))
@@ -173,13 +187,14 @@ def build_index(images: str, styles: str, masks: str | None = None, *, max_bad_f
         if len(skipped) > max_bad_files:
             raise DataError(f"{len(skipped)} unreadable files, more than max_bad_files={max_bad_files}: {listed}")
         warnings.warn(f"skipped {len(skipped)} unreadable file(s) (max_bad_files={max_bad_files}): {listed}",
-                      stacklevel=2)
-    if not keep_img:
-        raise DataError(f"no readable input images in {images}")
-    if not keep_styles:
-        raise DataError(f"no readable style images in {styles}")
-    return ExampleIndex(tuple(keep_img), tuple(keep_mask), tuple(keep_size), tuple(keep_styles),
-                        tuple(skipped))
+                      stacklevel=3)
+    if not keep:
+        raise DataError(f"no readable input images in {what}")
+    if style_paths and not keep_styles:
+        raise DataError(f"no readable style images in {styles_what}")
+    return ExampleIndex(tuple(inputs[i] for i in keep), tuple(mask_paths[i] for i in keep), tuple(sizes),
+                        tuple(keep_styles), tuple(skipped),
+                        tuple(instructions[i] for i in keep) if instructions is not None else ())
 
 
 def _square(im: Image.Image, resolution: int, resample) -> Image.Image:

@@ -4,7 +4,7 @@
                          batch_size=8, seed=0, host_index=jax.process_index(),
                          host_count=jax.process_count())
     batch = next(loader)       # {"image": uint8 (B,H,W,3), "mask": float32 (B,H,W) in {0,1},
-                               #  "style": uint8 (B,H,W,3), "index": int32 (B,)}
+                               #  "style": uint8 (B,H,W,3) (if the index has styles), "index": int32 (B,)}
     state = loader.get_state() # JSON-serialisable dict; store it in the checkpoint
     loader.set_state(state)    # on a freshly built loader with the same arguments: resumes exactly
 
@@ -17,7 +17,8 @@ Pipeline: range(N) -> per-host shard -> shuffle(seed) -> repeat(num_epochs) -> l
 - Batches are per host (`batch_size` examples), may straddle an epoch boundary and are always
   full (a last partial batch of a finite run is dropped): shapes never change, so jit compiles once.
 - `index` is the example's position in the validated index (global over hosts); it selects the
-  style image, `index mod n_styles`, and names the example in logs.
+  style image, `index mod n_styles`, the instruction (`loader.index.instructions[index]`) of
+  instruction datasets, and names the example in logs.
 - In-process, `read_threads` threads load up to `prefetch` batches ahead (grain's defaults, 16
   threads and 500 elements, would hold hundreds of batches in memory).
 - worker_count > 0 loads batches in grain worker processes (`mp_prefetch` after batching;
@@ -48,10 +49,12 @@ class LoadExample:
     def __call__(self, i) -> dict[str, np.ndarray]:
         i = int(i)
         ix = self.index
-        return {"image": load_square(ix.images[i], self.resolution),
-                "mask": load_mask(ix.masks[i], self.resolution, ix.sizes[i]),
-                "style": self.styles[ix.style_of(i)],
-                "index": np.int32(i)}
+        out = {"image": load_square(ix.images[i], self.resolution),
+               "mask": load_mask(ix.masks[i], self.resolution, ix.sizes[i]),
+               "index": np.int32(i)}
+        if len(self.styles):  # datasets without style images have no "style"
+            out["style"] = self.styles[ix.style_of(i)]
+        return out
 
 
 def _jsonable(x):
@@ -85,7 +88,7 @@ class Loader:
             raise DataError(f"{self.shard_size} examples per host x {num_epochs} epoch(s) is less "
                             f"than one batch of {batch_size}")
         self.skipped = index.skipped
-        styles = np.stack([load_square(p, resolution) for p in index.styles])
+        styles = np.stack([load_square(p, resolution) for p in index.styles]) if index.styles else np.zeros(0)
 
         ds = grain.MapDataset.range(self.num_examples)[: self.shard_size * host_count]
         ds = ds[host_index::host_count]

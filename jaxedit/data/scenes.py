@@ -1,6 +1,6 @@
 """Synthetic training data shipped as code: road scenes with exact road masks, style textures.
 
-For the tiny default config (`configs/d3po_snow.py:tiny`) and tests. NumPy only, deterministic:
+For the tiny default configs (`configs/d3po_snow.py:tiny`, `configs/ppo_instructrl4pix.py:tiny`) and tests. NumPy only, deterministic:
 scene i depends only on (seed, i, size) and style image j on (seed, style, j, size), never on how
 many are generated. `write_dataset` writes them as PNG files so the same folder-based loader
 (`jaxedit.data.loader`) serves generated and real data.
@@ -18,6 +18,7 @@ with grain), gold (metallic yellow with highlights), wood (planks with grain rin
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -183,3 +184,21 @@ def write_dataset(folder: str, n_images: int, n_styles: int = 5, style: str = "s
         write_image(style_image(style, (seed, 1, STYLES.index(style), j), size),
                     os.path.join(out["styles"], f"{style}_{j:02d}.png"))
     return out
+
+
+#: Instructions of the generated triples (`write_triples`), cycled over the scenes; the mask is
+#: the road for all of them.
+INSTRUCTIONS = ("make the road white", "paint the road red", "turn the road into gold", "cover the road with sand")
+
+
+def write_triples(folder: str, n_images: int, instructions: tuple[str, ...] = INSTRUCTIONS, seed: int = 0,
+                  size: int = 256) -> str:
+    """Writes generated scenes and road masks (`write_dataset`) and ``folder/triples.jsonl`` with
+    one {"input", "mask", "instruction"} line per scene (instruction i mod len); returns its path."""
+    write_dataset(folder, n_images, n_styles=0, seed=seed, size=size)
+    path = os.path.join(folder, "triples.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n_images):
+            f.write(json.dumps({"input": f"images/scene_{i:04d}.png", "mask": f"masks/scene_{i:04d}.png",
+                                "instruction": instructions[i % len(instructions)]}) + "\n")
+    return path
