@@ -1,7 +1,9 @@
-"""D3PO trainer throughput (sampling samples/s, update s/update) and the tiny default's learning curve.
+"""Trainer throughput (sampling samples/s, update s/update) and the tiny default's learning curve,
+for D3PO (default) or PPO (``--method ppo``: InstructRL4Pix, results in ``train_step_ppo.json``).
 
     python bench/train_step.py                      # tiny (50 updates + held-out curve) and sd15
     python bench/train_step.py --cases tiny --updates 20
+    python bench/train_step.py --method ppo --cases tiny,sd15 --sd-mode lora
 
 Cases, each in its own child process running the real trainer (``jaxedit.train.train``; cold: no
 persistent compilation cache, so update 1 includes every compile):
@@ -20,8 +22,13 @@ persistent compilation cache, so update 1 includes every compile):
   accumulators needs more than this machine's 23 GB).
 
 Steady-state numbers are medians over updates 2..N: ``samples_per_s`` = 2P / sampling-phase
-seconds, ``update_s`` = seconds of the jitted D3POupdate (awaited), ``updates_per_s`` = 1 /
-(sampling + scoring + update) wall time per update. Writes ``bench/results/train_step.json``.
+seconds, ``update_s`` = seconds of the jitted update (awaited; PPO: all its inner-epoch steps),
+``updates_per_s`` = 1 / (sampling + scoring + update) wall time per update. Writes
+``bench/results/train_step.json`` (``train_step_ppo.json`` for PPO).
+
+PPO cases: ``configs/ppo_instructrl4pix.py:tiny`` (8 samples per update, 6 DDIM steps, LoRA as
+shipped unless ``--tiny-mode``), and sd15 with the 8-channel InstructPix2Pix U-Net (no adapter),
+256 px, 2 samples per update, ``--sd-steps`` steps, attention maps at latent/4 (8x8).
 """
 from __future__ import annotations
 
@@ -46,13 +53,17 @@ def _emit(result: dict) -> None:
     print("@@RESULT " + json.dumps(result), flush=True)
 
 
-def child_train(case: str, workdir: str, updates: int, checkpoint: str, steps: int, mode: str) -> None:
+def child_train(method: str, case: str, workdir: str, updates: int, checkpoint: str, steps: int, mode: str,
+                tiny_mode: str) -> None:
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     import d3po_snow
+    import ppo_instructrl4pix
     from jaxedit import train
 
-    c = d3po_snow.get_config("tiny")
+    c = ppo_instructrl4pix.get_config("tiny") if method == "ppo" else d3po_snow.get_config("tiny")
     c.workdir, c.train.updates = workdir, updates
+    if tiny_mode:
+        c.train.mode = tiny_mode
     c.log.tensorboard, c.log.images_every, c.log.progress = False, 0, False
     c.checkpoint.every = 10 ** 6  # only the final checkpoint
     if case == "sd15":
@@ -62,17 +73,19 @@ def child_train(case: str, workdir: str, updates: int, checkpoint: str, steps: i
         c.sample.steps, c.sample.batch_size = steps, 2
         c.train.samples_per_update, c.train.micro_batch, c.train.mode = 2, 1, mode
         c.eval.every = 0
+        if method == "ppo":
+            c.train.micro_batch, c.reward.attention_downsample = 2, 4
     t0 = time.perf_counter()
     train.train(c, log=lambda s: None)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     steps_ = [r for r in rows if "time/update_s" in r]
     curve = [{"update": r["step"], **{k.split("/")[1]: round(r[k], 5) for k in r if k.startswith("heldout/")}}
-             for r in rows if "heldout/total_mean" in r]
+             for r in rows if any(k.startswith("heldout/") for k in r)]
     stamps = [r["time"] for r in steps_]
     steady = steps_[1:]
     med = lambda k: statistics.median(r[k] for r in steady) if steady else None
-    _emit({"case": case, "mode": c.train.mode, "updates": len(steps_), "samples_per_update": c.train.samples_per_update,
+    _emit({"method": method, "case": case, "mode": c.train.mode, "updates": len(steps_), "samples_per_update": c.train.samples_per_update,
            "steps": c.sample.steps, "resolution": c.data.resolution, "wall_s": round(wall, 1),
            "first_update_s": round(steps_[0]["time/sample_s"] + steps_[0]["time/update_s"], 2),
            "first_update_phase_s": round(steps_[0]["time/update_s"], 2),
@@ -106,7 +119,9 @@ def main() -> None:
     ap.add_argument("--sd-updates", type=int, default=3, help="updates of the sd15 case")
     ap.add_argument("--sd-steps", type=int, default=2, help="DDIM steps of the sd15 case (all trained)")
     ap.add_argument("--sd-mode", default="lora", choices=("lora", "full"))
-    ap.add_argument("--out", default=DEFAULT_OUT, help="JSON results path ('' to skip writing)")
+    ap.add_argument("--tiny-mode", default="", choices=("", "lora", "full"), help="override the tiny config's mode")
+    ap.add_argument("--method", default="d3po", choices=("d3po", "ppo"))
+    ap.add_argument("--out", default=None, help="JSON results path ('' to skip writing)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -115,8 +130,10 @@ def main() -> None:
             from sample import child_prepare
             child_prepare("sd15", rest[0], 0)
         else:
-            child_train(kind, rest[0], int(rest[1]), rest[2], int(rest[3]), rest[4])
+            child_train(kind, rest[0], rest[1], int(rest[2]), rest[3], int(rest[4]), rest[5], rest[6])
         return
+    if a.out is None:
+        a.out = DEFAULT_OUT if a.method == "d3po" else DEFAULT_OUT.replace(".json", f"_{a.method}.json")
 
     t_start, results = time.time(), []
     tmp = tempfile.mkdtemp(prefix="jaxedit-bench-train-")
@@ -128,7 +145,8 @@ def main() -> None:
                 prep = _run_child(["prepare", ckpt])
             load0 = _load()
             updates = a.updates if case == "tiny" else a.sd_updates
-            r = _run_child([case, os.path.join(tmp, f"run-{case}"), str(updates), ckpt, str(a.sd_steps), a.sd_mode])
+            r = _run_child([a.method, case, os.path.join(tmp, f"run-{case}"), str(updates), ckpt, str(a.sd_steps),
+                            a.sd_mode, a.tiny_mode])
             r.update(load_before=load0, load_after=_load(), **({"prepare": prep} if case == "sd15" else {}))
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "heldout_curve"}), flush=True)
@@ -150,8 +168,8 @@ def print_table(doc: dict) -> None:
         print(f"{r['case']:6} {r['mode']:5} {r['samples_per_s']!s:>10} {r['update_s']!s:>9} "
               f"{r['updates_per_s']!s:>10} {r['first_update_s']:>8} {r['peak_rss_gb']:>8}")
         for p in r["heldout_curve"]:
-            print(f"   held-out after {p['update']:3d} updates: total {p['total_mean']:.4f} "
-                  f"(structural {p['structural_mean']:.4f}, semantic {p['semantic_mean']:.4f})")
+            print(f"   held-out after {p['update']:3d} updates: " + ", ".join(
+                f"{k.removesuffix('_mean')} {v:.4f}" for k, v in p.items() if k != "update"))
 
 
 if __name__ == "__main__":
