@@ -11,6 +11,10 @@ Models, built from the real architectures' configs with random weights (nothing 
 - ``dinov2``: DINOv2 ViT-B/14 (86 M), 224 px, `embed.EmbeddingScorer`;
 - ``dreamsim``: DreamSim = DINO + CLIP + OpenCLIP ViT-B/16 (3 x 86 M), 224 px (PIL resize),
   `embed.EmbeddingScorer` over `dreamsim.DreamSim.random()` (the real configs);
+- ``segment``: Grounded-SAM, `segment.GroundedSamSegmenter` with Grounding DINO at its default
+  (grounding-dino-tiny) config (Swin-T + BERT-base, 900 queries, 800-px shorter side) and SAM
+  ViT-B (1024 px), prompt "road", cache off (every call recomputes); random weights find
+  arbitrary boxes (up to 32 per image go through SAM);
 - ``edges``: Canny (OpenCV), for scale.
 
 torch threads = cores, ``torch.inference_mode``. Writes ``bench/results/scorers.json``.
@@ -45,6 +49,13 @@ def build(name: str):
     torch.manual_seed(0)
     if name == "edges":
         return canny, 0
+    if name == "segment":
+        from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection, SamConfig, SamModel
+        from jaxedit.scorers.segment import GroundedSamSegmenter, tiny_tokenizer
+        seg = GroundedSamSegmenter(GroundingDinoForObjectDetection(GroundingDinoConfig()), tiny_tokenizer(),
+                                   SamModel(SamConfig()), cache_size=0)
+        n = sum(p.numel() for m in (seg.detector, seg.sam) for p in m.parameters())
+        return (lambda images: seg.masks(images, "road")), n
     if name == "depth":
         backbone = Dinov2Config(hidden_size=384, num_attention_heads=6, num_hidden_layers=12, patch_size=14,
                                 image_size=518, out_indices=[3, 6, 9, 12], reshape_hidden_states=False)
@@ -69,7 +80,7 @@ def build(name: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scorers", default="edges,depth,clip,dinov2,dreamsim")
+    ap.add_argument("--scorers", default="edges,depth,clip,dinov2,dreamsim,segment")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)

@@ -8,10 +8,12 @@ from tests.test_train import tiny_config
 
 
 def test_depth_scorer_process_run_resumes(tmp_path):
-    """The tiny default with the Specialists scorer (tiny random Depth Anything and DINOv2) in the scorer
-    process: a run stopped after one update resumes and finishes."""
+    """The tiny default with the paper's scorer set, tiny and random (Depth Anything, Grounding DINO ->
+    SAM masks of the prompt "road", DreamSim) in the scorer process: a run stopped after one update
+    resumes and finishes."""
     extra = {"score.process": True, "score.structural": "depth", "score.depth_weights": "tiny",
-             "score.semantic": "dinov2", "score.embed_weights": "tiny", "eval.every": 0,
+             "score.semantic": "dreamsim", "score.embed_weights": "tiny", "score.segment_weights": "tiny",
+             "score.threads": 1, "eval.every": 0,
              "train.updates": 2, "checkpoint.every": 1}
     c = tiny_config(tmp_path, **extra)
     c.score.scorer = "specialist"
