@@ -126,6 +126,14 @@ def heldout_metrics(config, scores: dict) -> dict:
     return out
 
 
+def make_step(config, pipe, policy, optimizer, pairs: int):
+    """The jitted D3PO update of ``pairs`` pairs as configured (`jaxedit.rl.d3po.make_update`)."""
+    t = config.train
+    return d3po.make_update(pipe.denoise, optimizer, pipe.schedule, beta=t.beta, clip_eps=t.clip_eps,
+                            eta=config.sample.eta, steps_per_update=max(1, int(config.sample.steps * t.timestep_fraction)),
+                            merge=policy.merge, cond_axes=cond_axes(pipe), micro_batches=pairs // t.micro_batch)
+
+
 class D3PO:
     """The D3PO method for `jaxedit.train` (see the module docstring)."""
     name = "d3po"
@@ -137,11 +145,7 @@ class D3PO:
         self.pairs_total, self.pairs_call = batch_sizes(config, mesh.size)
         self.examples_per_call = self.pairs_call  # global examples per sampling call
         self.sampler = make_sampler(pipe, config)
-        self.step = d3po.make_update(pipe.denoise, optimizer, pipe.schedule, beta=config.train.beta,
-                                     clip_eps=config.train.clip_eps, eta=config.sample.eta,
-                                     steps_per_update=max(1, int(config.sample.steps * config.train.timestep_fraction)),
-                                     merge=policy.merge, cond_axes=cond_axes(pipe),
-                                     micro_batches=self.pairs_total // config.train.micro_batch)
+        self.step = make_step(config, pipe, policy, optimizer, self.pairs_total)
         replicate = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self.text_emb = replicate(pipe.encode_text([config.edit.instruction]))
         self.uncond = replicate(pipe.encode_text([""]))

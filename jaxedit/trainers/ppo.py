@@ -51,6 +51,14 @@ def make_sampler(pipe, config):
     return jax.jit(run)
 
 
+def make_step(config, pipe, policy, optimizer, samples: int):
+    """The jitted PPO step over ``samples`` samples as configured (`jaxedit.rl.ppo.make_update`)."""
+    t = config.train
+    return ppo.make_update(pipe.denoise, optimizer, pipe.schedule, clip_range=t.clip_range, adv_clip=t.adv_clip,
+                           eta=config.sample.eta, steps_per_update=max(1, int(config.sample.steps * t.timestep_fraction)),
+                           merge=policy.merge, cond_axes=COND_AXES, micro_batches=samples // t.micro_batch)
+
+
 def _gray(m, size=None) -> np.ndarray:
     """A map (h, w) >= 0 -> uint8 (H, W, 3) for image grids, scaled to its maximum and enlarged
     by pixel repetition to ``size`` (a multiple of (h, w))."""
@@ -79,10 +87,7 @@ class PPO:
         check_multiple("samples per PPO step", self.per_step, t.micro_batch, context + f", {t.minibatches} minibatches")
         self.examples_per_call = self.per_call
         self.sampler = make_sampler(pipe, config)
-        self.step = ppo.make_update(pipe.denoise, optimizer, pipe.schedule, clip_range=t.clip_range,
-                                    adv_clip=t.adv_clip, eta=config.sample.eta,
-                                    steps_per_update=max(1, int(config.sample.steps * t.timestep_fraction)),
-                                    merge=policy.merge, cond_axes=COND_AXES, micro_batches=self.per_step // t.micro_batch)
+        self.step = make_step(config, pipe, policy, optimizer, self.per_step)
         self.tracker = PromptStatTracker(t.tracker_buffer, t.tracker_min_count)
         self.uncond = jax.device_put(pipe.encode_text([""]),
                                      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
