@@ -1,5 +1,5 @@
 """Shared defaults of every training config: D3PO editing configs (Image-Editing Specialists,
-paper Sec. 4) and the PPO config (InstructRL4Pix).
+paper Sec. 4), the PPO config (InstructRL4Pix) and the supervised / HIVE configs (`hive_*.py`).
 
 Not run directly: each edit's config (e.g. `d3po_snow.py`, `ppo_instructrl4pix.py`) starts from
 `get_config()` here and sets what differs. Every key exists here, so a typo in a
@@ -11,6 +11,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "d3po"                   # d3po (pairs + AI-feedback scores) | ppo (attention-map reward)
+                                        # | sft (supervised triples, HIVE reward losses: hive.mode)
     c.seed = 0
     c.workdir = "runs/default"          # checkpoints, logs, image grids
     c.resume = True                     # continue from the newest checkpoint in workdir
@@ -33,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.edit.style = ""                   # style name (generated data) / style folder (real data)
 
     c.data = ml_collections.ConfigDict()
-    c.data.instructions = ""            # ppo: MagicBrush split folder (edit_sessions.json) or triples .jsonl
+    c.data.instructions = ""            # ppo, sft: MagicBrush split folder (edit_sessions.json), InstructPix2Pix
+                                        # folder (seeds.json) or triples .jsonl (sft: with "output"s)
     c.data.images = ""                  # folder or list file of input images
     c.data.masks = ""                   # folder of masks with the same stems ("" = whole frame)
     c.data.styles = ""                  # folder of style images, cycled (the paper uses 5)
@@ -41,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_bad_files = 10
     c.data.worker_count = 0
     c.data.generate = 0                 # > 0: write this many generated road scenes to workdir/data and use them
-                                        # (ppo: as triples with `scenes.INSTRUCTIONS`)
+                                        # (ppo: as triples with `scenes.INSTRUCTIONS`; sft: edit triples,
+                                        # "make the road white", `scenes.write_edit_triples`)
     c.data.generate_styles = 5
 
     c.sample = ml_collections.ConfigDict()
@@ -104,6 +107,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.score.lam = 0.05                  # lambda of the masked pixel L2 term
     c.score.alpha = 1.0                 # weight of the semantic advantage
     c.score.ranking = "sum"             # sum | pareto
+
+    c.hive = ml_collections.ConfigDict()  # sft: supervised training and HIVE (trainers/sft.py, rl/hive.py)
+    c.hive.mode = "sft"                 # sft | weighted (w = exp(R/eta), mean 1 over the batch) | condition (5 levels)
+    c.hive.eta = 1.0                    # weighted: temperature of exp(R/eta)
+    c.hive.dropout = 0.05               # conditioning dropout: this much text only, image only, both
+    c.hive.ema_decay = 0.9999           # EMA of the weights (evaluated and saved); 0 = none
+    c.hive.ema_warmup = True            # LitEma: decay min(ema_decay, (1+n)/(10+n)) at update n
+    c.hive.vae_sample = True            # z_0 from the VAE posterior sample (InstructPix2Pix); False = mode
+    c.hive.resize_min = 0               # crop augmentation: resize to s in [resize_min, resize_max] px,
+    c.hive.resize_max = 0               # then a data.resolution crop (0 = data.resolution: no crop)
+    c.hive.flip_prob = 0.5              # horizontal flips (input, edited image, mask together)
+    c.hive.encode_batch = 0             # examples loaded and VAE-encoded per call (0 = train.samples_per_update)
+    c.hive.cycle = False                # cycle-consistency augmentation (mode sft): add the reversed triples
+    c.hive.cycle_mapping = ""           # user inverse-instruction file (.json {a: b|null} or .tsv a<TAB>b)
 
     c.reward = ml_collections.ConfigDict()  # ppo: r = cos(a_1, a_2) + alpha * MAE * [MAE > tau]
     c.reward.alpha = -1.0

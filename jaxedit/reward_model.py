@@ -2,6 +2,7 @@
 
     python -m jaxedit.reward_model train --data=rankings.jsonl --init=BLIP_DIR --out=rm/ --steps=2000
     python -m jaxedit.reward_model score --model=rm/ --data=val.jsonl [--out=rewards.jsonl]
+    python -m jaxedit.reward_model score --model=rm/ --triples=train.jsonl --out=train_rewards.jsonl
 
 train: ``--init`` is ``tiny`` (a small random model), a transformers BLIP image-text matching
 folder (`EditRewardModel.from_blip`) or a saved reward model. AdamW (paper: lr 1e-4, weight decay
@@ -17,6 +18,10 @@ read from the saved model, the trainable ones from train_state.pt, which is repl
 so a run killed at any moment resumes from its last checkpoint.
 
 score: per-edit rewards (printed, or written as JSONL with ``--out``) and the pairwise accuracy.
+With ``--triples`` (a triples JSONL with ``"output"``s, `jaxedit.data.instructions`) instead of
+``--data``: the reward R(input, instruction, output) of every triple, written to ``--out`` as
+the same triples with a ``"reward"`` field (paths relative to ``--out``'s folder): the input of
+HIVE's reward fine-tuning (`configs/hive_weighted.py`, `configs/hive_condition.py`).
 
 PyTorch side: never imports jax.
 """
@@ -220,6 +225,27 @@ def score(model_dir: str, data: str, out: str | None = None, batch: int = 16, de
     return {"accuracy": acc, "pairs": n, "rewards": rewards}
 
 
+def score_triples(model_dir: str, triples: str, out: str, batch: int = 16, device: str = "cpu",
+                  log=print) -> np.ndarray:
+    """Rewards (float32) of every (input, instruction, output) of a triples JSONL file, written
+    to ``out`` as the same triples with a "reward" field."""
+    import dataclasses
+    from jaxedit.data.images import read_image
+    from jaxedit.data.instructions import triples_records, write_triples_jsonl
+    from jaxedit.scorers.reward_model import EditRewardModel
+    records = triples_records(triples, with_outputs=True)
+    model = EditRewardModel.load(model_dir, device=device)
+    rewards = []
+    for i in range(0, len(records), batch):
+        chunk = records[i:i + batch]
+        rewards.append(model.score([read_image(r.input) for r in chunk], [r.instruction for r in chunk],
+                                   [read_image(r.output) for r in chunk], batch_size=batch))
+    rewards = np.concatenate(rewards).astype(np.float32)
+    write_triples_jsonl(out, [dataclasses.replace(r, reward=float(x)) for r, x in zip(records, rewards)])
+    log(f"{out}: {len(records)} triples, reward mean {rewards.mean():.4f}, std {rewards.std():.4f}")
+    return rewards
+
+
 def _flags():
     """A fresh set of flags (not absl's global FLAGS, so `main` can be called more than once)."""
     from absl import flags
@@ -228,6 +254,8 @@ def _flags():
     flags.DEFINE_string("init", "tiny", "train: 'tiny', a BLIP ITM folder, or a saved reward model.", flag_values=fv)
     flags.DEFINE_string("out", None, "train: output/checkpoint folder; score: optional rewards JSONL.", flag_values=fv)
     flags.DEFINE_string("model", None, "score: a saved reward model folder.", flag_values=fv)
+    flags.DEFINE_string("triples", None, "score: a triples JSONL with outputs to score instead of --data "
+                        "(writes them with a 'reward' to --out).", flag_values=fv)
     flags.DEFINE_integer("steps", 1000, "train: total optimizer steps.", flag_values=fv)
     flags.DEFINE_float("lr", 1e-4, "train: AdamW learning rate (paper: 1e-4).", flag_values=fv)
     flags.DEFINE_float("weight_decay", 0.05, "train: AdamW weight decay (paper: 0.05).", flag_values=fv)
@@ -263,7 +291,7 @@ def main(argv) -> int:
               file=sys.stderr)
         return 2
     command = rest[1]
-    need = ("data", "out") if command == "train" else ("data", "model")
+    need = ("data", "out") if command == "train" else (("triples", "model", "out") if fv.triples else ("data", "model"))
     missing = [n for n in need if not fv[n].value]
     if missing:
         print(f"error: {command} needs --{' --'.join(missing)}", file=sys.stderr)
@@ -274,6 +302,8 @@ def main(argv) -> int:
                   seed=fv.seed, val_fraction=fv.val_fraction, save_every=fv.save_every, eval_every=fv.eval_every,
                   train_text_layers=fv.train_text_layers, train_vision_layers=fv.train_vision_layers,
                   device=fv.device, cache_images=fv.cache_images)
+        elif fv.triples:
+            score_triples(fv.model, fv.triples, fv.out, batch=fv.batch, device=fv.device)
         else:
             score(fv.model, fv.data, fv.out, batch=fv.batch, device=fv.device)
     except (ValueError, OSError) as e:  # RankingError, bad checkpoint folder, ...

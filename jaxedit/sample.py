@@ -56,6 +56,23 @@ def _styles(style: Sequence[str] | None) -> list[str] | None:
     return list(style)
 
 
+def reward_suffix(checkpoint: str) -> str:
+    """The text a HIVE condition-reward model was trained to edit best with (", image quality is
+    five out of five", from ``hive_quantiles.json`` next to its weights); "" for other models."""
+    import json
+    path = os.path.join(checkpoint, "hive_quantiles.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["sample_suffix"]
+
+
+def with_reward_suffix(instruction: str, suffix: str) -> str:
+    """``instruction`` + ``suffix`` unless it already ends with it."""
+    core = instruction.rstrip().rstrip(".")
+    return core if not suffix or core.endswith(suffix) else core + suffix
+
+
 def run(checkpoint: str, image: str, instructions: Sequence[str], out: str, *, style: Sequence[str] | None = None,
         sampler: str = "euler_ancestral", steps: int = 100, guidance_text: float = 7.5, guidance_image: float = 1.5,
         guidance_style: float = 3.0, seed: int = 0, resolution: int | None = None, batch_size: int = 4,
@@ -92,6 +109,10 @@ def run(checkpoint: str, image: str, instructions: Sequence[str], out: str, *, s
         raise UsageError("this checkpoint is style-conditioned: give --style image(s)")
     if style_files is not None and not pipe.style:
         raise UsageError("this checkpoint takes no style images (no style_adapter/ folder): drop --style")
+    suffix = reward_suffix(checkpoint)
+    if suffix:  # HIVE condition reward: edit with the best quality level, as trained
+        log(f"HIVE condition-reward model: appending {suffix!r} to the instructions")
+        instructions = [with_reward_suffix(i, suffix) for i in instructions]
     f = pipe.vae_scale_factor
     styles = None
     if style_files is not None:

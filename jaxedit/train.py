@@ -108,6 +108,9 @@ def build_data(config, workdir: str, batch_size: int, *, heldout: bool = False):
     common = dict(resolution=config.data.resolution, batch_size=batch_size, seed=seed, shuffle=not heldout,
                   num_epochs=1 if heldout else None, worker_count=config.data.worker_count,
                   host_index=jax.process_index(), host_count=jax.process_count())
+    if config.method == "sft":  # triples with edited images (+ rewards): `jaxedit.trainers.sft.build_data`
+        from jaxedit.trainers import sft
+        return sft.build_data(config, src, os.path.join(workdir, folder), heldout=heldout, **common)
     if config.method == "ppo":
         source = src.instructions
         if src.generate:
@@ -181,10 +184,15 @@ def build_scorer(config):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW after global-norm clipping of the update's accumulated gradient (as reference D3PO)."""
-    return optax.chain(optax.clip_by_global_norm(config.train.max_grad_norm),
-                       optax.adamw(config.train.lr, config.train.adam_b1, config.train.adam_b2,
-                                   weight_decay=config.train.weight_decay))
+    """AdamW after global-norm clipping of the update's accumulated gradient (as reference D3PO);
+    method sft: + the EMA of the weights in the optimizer state (``hive.ema_decay`` > 0)."""
+    opt = optax.chain(optax.clip_by_global_norm(config.train.max_grad_norm),
+                      optax.adamw(config.train.lr, config.train.adam_b1, config.train.adam_b2,
+                                  weight_decay=config.train.weight_decay))
+    if config.method == "sft" and config.hive.ema_decay > 0:
+        from jaxedit.rl.hive import ema_weights
+        opt = optax.chain(opt, ema_weights(config.hive.ema_decay, warmup=config.hive.ema_warmup))
+    return opt
 
 
 def make_mesh(config) -> Mesh:
@@ -254,8 +262,12 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
         ckpt.save(step, state, {"update": step, "data": loader.get_state(), "method": method.get_state(),
                                 "config": json.loads(config.to_json())})
 
+    def model_params(state):  # what is evaluated and saved: the method's choice (sft: the EMA) or the trained tree
+        pick = getattr(method, "model_trainable", None)
+        return policy.params(pick(state) if pick else state.params)
+
     def evaluate(state) -> dict:  # the same held-out examples and noise every time
-        return method.evaluate(policy.params(state.params), heldout, heldout_loader.index,
+        return method.evaluate(model_params(state), heldout, heldout_loader.index,
                                jax.random.key(config.seed + 10_000))
 
     try:
@@ -289,7 +301,8 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
             if done % config.checkpoint.every == 0 or done == config.train.updates or stop["signal"]:
                 save(done)
             if done == config.train.updates and jax.process_index() == 0:
-                pipe.save_pretrained(os.path.join(workdir, "model"), policy.params(state.params))
+                pipe.save_pretrained(os.path.join(workdir, "model"), model_params(state))
+                getattr(method, "save_model_extras", lambda folder: None)(os.path.join(workdir, "model"))
                 echo(f"trained model: {os.path.join(workdir, 'model')} (python -m jaxedit.sample --checkpoint=...)")
             if stop["signal"]:
                 echo(f"received signal {stop['signal']}: saved update {done}, exiting")

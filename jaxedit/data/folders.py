@@ -46,13 +46,16 @@ class ExampleIndex:
     """Validated training examples. `masks[i]` is None for a whole-frame mask; `sizes[i]` is
     input i's original (width, height); `styles` may be empty (no style image); `instructions[i]`
     is example i's own instruction (instruction datasets, `jaxedit.data.instructions`; empty
-    otherwise); `skipped` lists (path, reason) of unreadable files."""
+    otherwise); `outputs[i]` its edited image and `rewards[i]` its reward (supervised / HIVE
+    training; empty otherwise); `skipped` lists (path, reason) of unreadable files."""
     images: tuple[str, ...]
     masks: tuple[str | None, ...]
     sizes: tuple[tuple[int, int], ...]
     styles: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...] = ()
     instructions: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    rewards: tuple[float, ...] = ()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -154,14 +157,18 @@ def build_index(images: str, styles: str, masks: str | None = None, *, max_bad_f
 
 def validate(inputs: list[str], mask_paths: list[str | None], style_paths: list[str], *,
              instructions: list[str] | None = None, max_bad_files: int = 10, threads: int = 4,
-             what: str = "the inputs", styles_what: str = "the styles") -> ExampleIndex:
+             what: str = "the inputs", styles_what: str = "the styles", outputs: list[str] | None = None,
+             rewards: list[float] | None = None) -> ExampleIndex:
     """Decodes every file once and builds the index (rules in the module docstring); examples whose
-    input or mask is unreadable are skipped together with their instruction. ``style_paths`` may
-    be empty (methods without a style image)."""
-    checked = _sizes(inputs + [m for m in mask_paths if m] + style_paths, threads)
-    in_sizes, rest = checked[:len(inputs)], checked[len(inputs):]
-    mask_sizes = iter(rest[:len(rest) - len(style_paths)])
-    style_checks = rest[len(rest) - len(style_paths):]
+    input, mask or output (edited image) is unreadable are skipped together with their
+    instruction and reward. ``style_paths`` may be empty (methods without a style image)."""
+    masks_given = [m for m in mask_paths if m]
+    outs = list(outputs) if outputs is not None else []
+    checked = _sizes(inputs + masks_given + outs + style_paths, threads)
+    in_sizes = checked[:len(inputs)]
+    mask_sizes = iter(checked[len(inputs):len(inputs) + len(masks_given)])
+    out_checks = checked[len(inputs) + len(masks_given):len(inputs) + len(masks_given) + len(outs)]
+    style_checks = checked[len(inputs) + len(masks_given) + len(outs):]
 
     skipped: list[tuple[str, str]] = []
     keep: list[int] = []
@@ -173,6 +180,9 @@ def validate(inputs: list[str], mask_paths: list[str | None], style_paths: list[
             continue
         if isinstance(msize, str):
             skipped.append((m, msize))
+            continue
+        if outs and isinstance(out_checks[i], str):
+            skipped.append((outs[i], out_checks[i]))
             continue
         if msize is not None and msize != size:
             raise DataError(f"mask {m} is {msize[0]}x{msize[1]} (WxH) but its image {p} is "
@@ -194,7 +204,9 @@ def validate(inputs: list[str], mask_paths: list[str | None], style_paths: list[
         raise DataError(f"no readable style images in {styles_what}")
     return ExampleIndex(tuple(inputs[i] for i in keep), tuple(mask_paths[i] for i in keep), tuple(sizes),
                         tuple(keep_styles), tuple(skipped),
-                        tuple(instructions[i] for i in keep) if instructions is not None else ())
+                        tuple(instructions[i] for i in keep) if instructions is not None else (),
+                        tuple(outs[i] for i in keep) if outputs is not None else (),
+                        tuple(float(rewards[i]) for i in keep) if rewards is not None else ())
 
 
 def _square(im: Image.Image, resolution: int, resample) -> Image.Image:

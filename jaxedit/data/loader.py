@@ -4,7 +4,8 @@
                          batch_size=8, seed=0, host_index=jax.process_index(),
                          host_count=jax.process_count())
     batch = next(loader)       # {"image": uint8 (B,H,W,3), "mask": float32 (B,H,W) in {0,1},
-                               #  "style": uint8 (B,H,W,3) (if the index has styles), "index": int32 (B,)}
+                               #  "style": uint8 (B,H,W,3) (if the index has styles),
+                               #  "edited": uint8 (B,H,W,3) (if it has outputs), "index": int32 (B,)}
     state = loader.get_state() # JSON-serialisable dict; store it in the checkpoint
     loader.set_state(state)    # on a freshly built loader with the same arguments: resumes exactly
 
@@ -54,6 +55,8 @@ class LoadExample:
                "index": np.int32(i)}
         if len(self.styles):  # datasets without style images have no "style"
             out["style"] = self.styles[ix.style_of(i)]
+        if ix.outputs:  # supervised / HIVE data: the edited image, resized like the input
+            out["edited"] = load_square(ix.outputs[i], self.resolution)
         return out
 
 
@@ -102,6 +105,8 @@ class Loader:
         self._iter = iter(ds)
         names = [[os.path.basename(p) if p else None for p in paths]     # file names, not folders:
                  for paths in (index.images, index.masks, index.styles)]  # a moved workdir resumes
+        if index.outputs:
+            names.append([os.path.basename(p) for p in index.outputs])
         self.fingerprint = hashlib.sha256(json.dumps(
             [names, resolution, batch_size, seed, shuffle, num_epochs, host_index, host_count]
         ).encode()).hexdigest()[:16]

@@ -1,6 +1,7 @@
 """Synthetic training data shipped as code: road scenes with exact road masks, style textures.
 
-For the tiny default configs (`configs/d3po_snow.py:tiny`, `configs/ppo_instructrl4pix.py:tiny`) and tests. NumPy only, deterministic:
+For the tiny default configs (`configs/d3po_snow.py:tiny`, `configs/ppo_instructrl4pix.py:tiny`,
+`configs/hive_*.py:tiny`: edit triples, `write_edit_triples`) and tests. NumPy only, deterministic:
 scene i depends only on (seed, i, size) and style image j on (seed, style, j, size), never on how
 many are generated. `write_dataset` writes them as PNG files so the same folder-based loader
 (`jaxedit.data.loader`) serves generated and real data.
@@ -201,4 +202,51 @@ def write_triples(folder: str, n_images: int, instructions: tuple[str, ...] = IN
         for i in range(n_images):
             f.write(json.dumps({"input": f"images/scene_{i:04d}.png", "mask": f"masks/scene_{i:04d}.png",
                                 "instruction": instructions[i % len(instructions)]}) + "\n")
+    return path
+
+
+#: The instruction of the generated edit triples (`write_edit_triples`).
+EDIT_INSTRUCTION = "make the road white"
+WHITE = np.array([255.0, 255.0, 255.0])
+
+
+def road_edit(image: np.ndarray, mask: np.ndarray, strength: float = 1.0) -> np.ndarray:
+    """The analytic edit "make the road white": road pixels blended towards white by ``strength``
+    (1 = pure white road, 0 = unchanged); the rest of the image unchanged. uint8 (H, W, 3)."""
+    out = image.astype(np.float64)
+    out[mask] = (1.0 - strength) * out[mask] + strength * WHITE
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def edit_reward(edited: np.ndarray, mask: np.ndarray) -> float:
+    """Analytic reward of an edit: minus the mean |edited − white| / 255 over the road pixels and
+    channels (0 for the ideal edit, about −(1 − strength)·(1 − grey) otherwise)."""
+    if not mask.any():
+        return 0.0
+    return -float(np.mean(np.abs(edited[mask].astype(np.float64) - WHITE)) / 255.0)
+
+
+def write_edit_triples(folder: str, n_images: int, *, seed: int = 0, size: int = 256, graded: bool = False,
+                       instruction: str = EDIT_INSTRUCTION) -> str:
+    """Writes (input, mask, instruction, edited) triples of generated scenes for supervised / HIVE
+    training and ``folder/triples.jsonl``; returns its path.
+
+    Inputs and masks as `write_dataset`; ``folder/outputs/scene_0000.png`` is the scene with its
+    road painted white (`road_edit`). ``graded``: scene i's edit has a strength drawn uniformly
+    in [0.25, 1] (from (seed, 2, i)) instead of 1, so edits differ in quality. Every line has
+    an analytic ``"reward"`` (`edit_reward`: 0 = ideal) for the HIVE reward losses; no torch needed.
+    """
+    write_dataset(folder, n_images, n_styles=0, seed=seed, size=size)
+    outputs = os.path.join(folder, "outputs")
+    _clear(outputs, r"scene_\d+\.png")
+    path = os.path.join(folder, "triples.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n_images):
+            image, mask = road_scene((seed, 0, i), size)
+            strength = float(np.random.default_rng((seed, 2, i)).uniform(0.25, 1.0)) if graded else 1.0
+            edited = road_edit(image, mask, strength)
+            write_image(edited, os.path.join(outputs, f"scene_{i:04d}.png"))
+            f.write(json.dumps({"input": f"images/scene_{i:04d}.png", "mask": f"masks/scene_{i:04d}.png",
+                                "instruction": instruction, "output": f"outputs/scene_{i:04d}.png",
+                                "reward": edit_reward(edited, mask)}) + "\n")
     return path

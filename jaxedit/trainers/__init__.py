@@ -7,8 +7,15 @@ policy's samples into an update of the train state.
 
 - ``d3po`` (`trainers.d3po`): pairs from the same x_T, AI-feedback scores, D3PO (Specialists).
 - ``ppo`` (`trainers.ppo`): cross-attention-map reward, per-prompt advantages, PPO (InstructRL4Pix).
+- ``sft`` (`trainers.sft`): supervised instruction training on triples and HIVE's weighted /
+  condition reward losses (``config.hive.mode``); no sampling.
+
+Optional hooks the loop uses when a method has them: ``model_trainable(state)`` (the tree that is
+evaluated and saved, e.g. the EMA; default ``state.params``) and ``save_model_extras(folder)``
+(files written next to the saved model).
 """
 from jaxedit.trainers.d3po import D3PO
 from jaxedit.trainers.ppo import PPO
+from jaxedit.trainers.sft import SFT
 
-METHODS = {"d3po": D3PO, "ppo": PPO}
+METHODS = {"d3po": D3PO, "ppo": PPO, "sft": SFT}
