@@ -25,7 +25,6 @@ The run's ``config.json`` rebuilds the pipeline and policy exactly as training d
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -93,8 +92,8 @@ def restore_trainable(run_dir: str, step: int, abstract_trainable):
 
 
 def restore_state(run_dir: str, step: int, config, trainable):
-    """The whole train state (params, optimizer state, step) of checkpoint `step`, on the first
-    local device; its structure is the one `train.train` builds (`init_train_state`)."""
+    """(train state, meta) of checkpoint `step`, the state on the first local device; its structure
+    is the one `train.train` builds (`init_train_state`)."""
     from jaxedit import train
     from jaxedit.checkpoint import Checkpointer
     from jaxedit.rl.update import init_train_state
@@ -103,25 +102,22 @@ def restore_state(run_dir: str, step: int, config, trainable):
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:
-        return ckpt.restore(abstract, step)[0]
+        return ckpt.restore(abstract, step)
     finally:
         ckpt.close()
 
 
 def model_trainable(config, run_dir: str, step: int, trainable):
-    """The trainable tree that the run saves as its model at `step`: the method's
-    ``model_trainable(state)`` hook when it has one (e.g. an EMA kept in the optimizer state; the
-    whole state is then restored), else the trained params (only those are read)."""
+    """(the trainable tree the run saves as its model at `step`, the method's checkpointed state):
+    the method's static ``model_trainable(state)`` hook when it has one (e.g. an EMA kept in the
+    optimizer state; the whole state is then restored), else the trained params (only those are
+    read; method state {})."""
     from jaxedit.trainers import METHODS
-    cls = METHODS.get(config.method)
-    hook = inspect.getattr_static(cls, "model_trainable", None) if cls is not None else None
+    hook = getattr(METHODS.get(config.method), "model_trainable", None)
     if hook is None:
-        return restore_trainable(run_dir, step, trainable)
-    state = restore_state(run_dir, step, config, trainable)
-    if isinstance(hook, (staticmethod, classmethod)):
-        return getattr(cls, "model_trainable")(state)
-    # An instance method that reads only the state (the documented hook): no trainer is built.
-    return cls.model_trainable(object.__new__(cls), state)
+        return restore_trainable(run_dir, step, trainable), {}
+    state, meta = restore_state(run_dir, step, config, trainable)
+    return hook(state), meta.get("method", {})
 
 
 def lora_adapter_config(config, targets, base: str) -> dict:
@@ -168,10 +164,12 @@ def export(run_dir: str, out_dir: str, step: int | None = None, lora_only: bool 
 
     pipe = train.build_pipeline(config, run_dir)
     policy = train.build_policy(config, pipe)
-    trainable = model_trainable(config, run_dir, step, policy.trainable)
+    from jaxedit.trainers import METHODS
+    trainable, method_state = model_trainable(config, run_dir, step, policy.trainable)
     os.makedirs(out_dir, exist_ok=True)
     if not lora_only:
         pipe.save_pretrained(out_dir, policy.params(trainable))
+        getattr(METHODS[config.method], "write_model_extras", lambda folder, st: None)(out_dir, method_state)
     if config.train.mode == "lora":
         base = os.path.abspath(config.model.checkpoint or os.path.join(run_dir, "tiny-ip2p"))
         write_lora_adapter(os.path.join(out_dir, ADAPTER_DIR), trainable["lora"],

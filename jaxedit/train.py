@@ -302,7 +302,8 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
                 save(done)
             if done == config.train.updates and jax.process_index() == 0:
                 pipe.save_pretrained(os.path.join(workdir, "model"), model_params(state))
-                getattr(method, "save_model_extras", lambda folder: None)(os.path.join(workdir, "model"))
+                getattr(method, "write_model_extras", lambda folder, st: None)(os.path.join(workdir, "model"),
+                                                                                method.get_state())
                 echo(f"trained model: {os.path.join(workdir, 'model')} (python -m jaxedit.sample --checkpoint=...)")
             if stop["signal"]:
                 echo(f"received signal {stop['signal']}: saved update {done}, exiting")

@@ -190,14 +190,16 @@ def test_whole_state_and_model_trainable_hook(run, tmp_path, monkeypatch):
     workdir, result, _ = run
     config = export.read_config(str(workdir))
     policy = train.build_policy(config, train.build_pipeline(config, str(workdir)))
-    state = export.restore_state(str(workdir), UPDATES, config, policy.trainable)
+    state, meta = export.restore_state(str(workdir), UPDATES, config, policy.trainable)
+    assert meta["update"] == UPDATES
     want = jax.device_get(result["state"])
     assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(want)
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     class WithHook(trainers.METHODS[config.method]):
-        def model_trainable(self, state):
+        @staticmethod
+        def model_trainable(state):
             return jax.tree_util.tree_map(lambda p: 2 * p, state.params)
     monkeypatch.setitem(trainers.METHODS, config.method, WithHook)
     export.export(str(workdir), str(tmp_path), lora_only=True)

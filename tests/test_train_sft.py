@@ -66,6 +66,10 @@ def test_condition_run_saves_ema_model_and_quantiles(uninterrupted):
     assert with_reward_suffix("make the road white.", reward_suffix(str(workdir / "model"))) == \
         "make the road white, image quality is five out of five"
     assert reward_suffix(str(workdir / "data")) == ""
+    from jaxedit import export   # an export of the checkpoint writes the same quantiles file
+    out = export.export(str(workdir), str(workdir / "exported"))
+    assert (workdir / "exported" / "hive_quantiles.json").read_text() == \
+        (workdir / "model" / "hive_quantiles.json").read_text() and out
     # the saved U-Net holds the EMA weights (not the last trained ones)
     from jaxedit.models import load
     _, saved_params = load.load_unet(str(workdir / "model" / "unet"))

@@ -10,9 +10,10 @@ policy's samples into an update of the train state.
 - ``sft`` (`trainers.sft`): supervised instruction training on triples and HIVE's weighted /
   condition reward losses (``config.hive.mode``); no sampling.
 
-Optional hooks the loop uses when a method has them: ``model_trainable(state)`` (the tree that is
-evaluated and saved, e.g. the EMA; default ``state.params``) and ``save_model_extras(folder)``
-(files written next to the saved model).
+Optional static hooks the loop (and `jaxedit.export`) use when a method has them:
+``model_trainable(state)`` (the tree that is evaluated and saved, e.g. the EMA; default
+``state.params``) and ``write_model_extras(folder, method_state)`` (files written next to the saved
+model from the method's ``get_state()``).
 """
 from jaxedit.trainers.d3po import D3PO
 from jaxedit.trainers.ppo import PPO

@@ -232,23 +232,28 @@ class SFT:
         return {"loss": f"{metrics['sft/loss']:.4f}"}
 
     # ---- what the loop evaluates and saves
-    def model_trainable(self, state):
+    @staticmethod
+    def model_trainable(state):
         """The EMA of the trained tree when kept (``hive.ema_decay`` > 0), else the trained tree."""
         ema = hive.find_ema(state.opt_state)
         return state.params if ema is None else ema.ema
 
-    def quantiles(self) -> dict | None:
-        """The condition mode's quantisation (None before the thresholds exist / other modes)."""
-        if self.mode != "condition" or self.thresholds is None:
+    @staticmethod
+    def quantiles(method_state: dict) -> dict | None:
+        """The condition mode's quantisation from a ``get_state()`` dict (None before the thresholds
+        exist / other modes)."""
+        if method_state.get("mode") != "condition" or method_state.get("thresholds") is None:
             return None
-        return {"thresholds": [float(x) for x in self.thresholds], "levels": list(hive.QUALITY_WORDS),
+        return {"thresholds": [float(x) for x in method_state["thresholds"]], "levels": list(hive.QUALITY_WORDS),
                 "rule": "level K = 1 + number of thresholds <= reward (20/40/60/80 % quantiles of the training "
                         "rewards); instruction + ', image quality is K out of five'",
                 "sample_suffix": hive.quality_suffix(hive.LEVELS)}
 
-    def save_model_extras(self, folder: str) -> None:
-        """Writes ``hive_quantiles.json`` next to the saved model (condition mode)."""
-        q = self.quantiles()
+    @staticmethod
+    def write_model_extras(folder: str, method_state: dict) -> None:
+        """Writes ``hive_quantiles.json`` next to a saved model (condition mode), from the method's
+        ``get_state()`` (the loop's, or a checkpoint's for `jaxedit.export`)."""
+        q = SFT.quantiles(method_state)
         if q is not None:
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, QUANTILES_FILE), "w") as f:
