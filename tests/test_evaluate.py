@@ -143,7 +143,7 @@ def test_sweep_model_metrics_and_plots(scenes, checkpoints, tmp_path):
             texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
             assert "tiny-ip2p" in texts and "tiny-b" in texts and "1" in texts and "2" in texts
             with Image.open(stem + ".png") as im:
-                assert im.size == (1280, 840) and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 10
+                assert im.size == (1440, 920) and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 10
     page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
     assert page.count("<svg") == 6 and "guidance_image sweep: L2 vs CLIP-T" in page
     assert page.count('<img src="data:') == 4 * (2 + 2 * 2)  # input | style | 2 checkpoints x 2 settings
