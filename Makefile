@@ -1,5 +1,5 @@
 # `make demo`: set up .venv, run the main job (D3PO) on the embedded tiny RANDOM checkpoint, edit with it.
-# `make test`: set up .venv and run the test suite (what CI runs).
+# `make test`: set up .venv and run the test suite (what CI runs); `make test-slow` adds the learning tests.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip check
 	touch $@
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test test-slow bench
 setup: $(VENV)/.installed
 
 DEMO := outputs/d3po_snow_tiny
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# + the learning tests and grain worker processes (~10 more minutes on 2 cores)
+test-slow: setup
+	JAXEDIT_SLOW_TESTS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: setup
 	$(PY) bench/unet_forward.py

@@ -8,10 +8,14 @@ samples, and the attention term hardly moves on a random model (its maps depend 
 far more than on the sampled noise that PPO reinforces).
 """
 import json
+import os
+
+import pytest
 
 from tests.test_train_ppo import tiny_config
 
 
+@pytest.mark.skipif(not os.environ.get("JAXEDIT_SLOW_TESTS"), reason="~3 min on 2 cores: `make test-slow`")
 def test_ppo_raises_the_heldout_reward(tmp_path):
     from jaxedit import train
     c = tiny_config(tmp_path, **{"train.updates": 30, "train.mode": "full", "train.lr": 1e-3,
