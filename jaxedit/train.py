@@ -102,7 +102,8 @@ def build_data(config, workdir: str, batch_size: int, *, heldout: bool = False):
     """The training loader (shuffled, endless) or, with ``heldout``, one ordered pass over the
     held-out examples (``eval.*``; generated ones use another seed than the training ones).
     D3PO: images, masks, style images; PPO: an instruction dataset (MagicBrush folder or triples
-    JSONL, `jaxedit.data.instructions`). ``batch_size``: examples per host and call."""
+    JSONL, `jaxedit.data.instructions`); sft: triples with their edited images (and rewards).
+    ``batch_size``: examples per host and call."""
     src, seed, folder = (config.eval, config.seed + 10_000, "heldout") if heldout else (config.data, config.seed, "data")
     what = "eval" if heldout else "data"
     common = dict(resolution=config.data.resolution, batch_size=batch_size, seed=seed, shuffle=not heldout,
