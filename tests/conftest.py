@@ -21,3 +21,14 @@ def tiny_checkpoint(tmp_path_factory):
     """Path of the tiny random InstructPix2Pix checkpoint (diffusers format), built once per worker."""
     from jaxedit.models.tiny import make_tiny_checkpoint
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "tiny-ip2p"))
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny torch models run several times faster on one thread on a shared 2-core machine; the
+    previous thread count is restored after the module. Use: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

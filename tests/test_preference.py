@@ -31,12 +31,7 @@ RTOL, ATOL = 1e-5, 1e-5
 PROMPTS = ["an astronaut in a white suit", "a cat", "a cup of coffee on a table, photographed from above", "rocket"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def photos():

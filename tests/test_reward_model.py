@@ -16,13 +16,7 @@ from jaxedit.scorers.reward_model import (  # noqa: E402
     EditRewardModel, RewardScorer, bradley_terry_loss, preprocess)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared: several torch threads slow tiny models down ~10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def make_rankings(folder, n, *, k=5, size=32, seed=0, target=(128, 128, 128)):

@@ -17,13 +17,7 @@ from jaxedit.scorers.segment import GroundedSamSegmenter  # noqa: E402
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is many times faster on a shared machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 LEVEL = 1 / 255 / 0.224  # one uint8 step after ImageNet normalisation (largest: smallest std)

@@ -12,12 +12,7 @@ from jaxedit.scorers.simple import SimpleScorer, _stats, grayscale, sobel_edges 
 B, H, W, HS, WS = 3, 32, 40, 36, 28  # style images of another size: the fake masks tell them apart
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _batch(seed=0):
