@@ -18,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.distributed = False               # jax.distributed.initialize() first (multi-host: TPU pod, SLURM)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1                    # devices on the data axis (-1 = all); params are replicated
+    c.mesh.data = -1                    # devices on the data axis (-1 = all the others)
+    c.mesh.fsdp = 1                     # devices params + optimizer state are sharded over (jaxedit.parallel)
+    c.mesh.min_shard_size = 2 ** 14     # smaller leaves (norms, biases, LoRA) stay replicated
 
     c.model = ml_collections.ConfigDict()
     c.model.checkpoint = ""             # diffusers-format InstructPix2Pix folder; "" = embedded tiny random one
@@ -26,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.style_adapter = True        # 12-channel Specialists model with the style cross-attention adapter
     c.model.adapter_dim = 320
     c.model.adapter_heads = 8
-    c.model.remat = False
+    c.model.remat = False               # rematerialise each U-Net block in the backward pass (less memory)
 
     c.edit = ml_collections.ConfigDict()
     c.edit.instruction = ""             # e.g. "make it snowy"

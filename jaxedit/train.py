@@ -25,13 +25,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from jaxedit import parallel
 from jaxedit.checkpoint import Checkpointer
 from jaxedit.data import loader as data_loader
 from jaxedit.data import scenes
@@ -44,6 +43,7 @@ from jaxedit.rl.update import init_train_state
 from jaxedit.scorers.base import InProcessQueue, make_scorer
 from jaxedit.scorers.shm_queue import ScorerClient
 from jaxedit.trainers import METHODS
+from jaxedit.trainers.common import to_host
 
 
 class TrainingError(RuntimeError):
@@ -65,11 +65,18 @@ class Policy:
         return trainable if self.merge is None else self.merge(trainable, self.ref_params)
 
 
+def host_dir(workdir: str, name: str) -> str:
+    """A folder of ``workdir`` this host writes alone (``name-host{i}`` in a multi-host run): the
+    generated data and the tiny checkpoint are deterministic, so each host writes its own copy
+    instead of racing the others on a shared file system."""
+    return os.path.join(workdir, name if jax.process_count() == 1 else f"{name}-host{jax.process_index()}")
+
+
 def build_pipeline(config, workdir: str) -> EditPipeline:
     """The editing model: the configured checkpoint (or the tiny random one) + style adapter."""
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
-    path = config.model.checkpoint or make_tiny_checkpoint(os.path.join(workdir, "tiny-ip2p"))
-    pipe = EditPipeline.from_pretrained(path, dtype=dtype)
+    path = config.model.checkpoint or make_tiny_checkpoint(host_dir(workdir, "tiny-ip2p"))
+    pipe = EditPipeline.from_pretrained(path, dtype=dtype, remat=config.model.remat)
     if config.model.style_adapter and not pipe.style:
         cfg = style_adapter.Config(dim=config.model.adapter_dim, heads=config.model.adapter_heads,
                                    cross_attention_dim=pipe.text_encoder.config.hidden_size)
@@ -105,17 +112,18 @@ def build_data(config, workdir: str, batch_size: int, *, heldout: bool = False):
     JSONL, `jaxedit.data.instructions`); sft: triples with their edited images (and rewards).
     ``batch_size``: examples per host and call."""
     src, seed, folder = (config.eval, config.seed + 10_000, "heldout") if heldout else (config.data, config.seed, "data")
+    folder = host_dir(workdir, folder)
     what = "eval" if heldout else "data"
     common = dict(resolution=config.data.resolution, batch_size=batch_size, seed=seed, shuffle=not heldout,
                   num_epochs=1 if heldout else None, worker_count=config.data.worker_count,
                   host_index=jax.process_index(), host_count=jax.process_count())
     if config.method == "sft":  # triples with edited images (+ rewards): `jaxedit.trainers.sft.build_data`
         from jaxedit.trainers import sft
-        return sft.build_data(config, src, os.path.join(workdir, folder), heldout=heldout, **common)
+        return sft.build_data(config, src, folder, heldout=heldout, **common)
     if config.method == "ppo":
         source = src.instructions
         if src.generate:
-            source = scenes.write_triples(os.path.join(workdir, folder), src.generate, seed=seed,
+            source = scenes.write_triples(folder, src.generate, seed=seed,
                                           size=config.data.resolution)
         elif not source:
             raise ValueError(f"set --config.{what}.instructions (a MagicBrush folder or triples .jsonl) "
@@ -123,7 +131,7 @@ def build_data(config, workdir: str, batch_size: int, *, heldout: bool = False):
         return data_loader.make_loader(index=build_instruction_index(source, max_bad_files=config.data.max_bad_files),
                                        **common)
     if src.generate:
-        folders = scenes.write_dataset(os.path.join(workdir, folder), src.generate, config.data.generate_styles,
+        folders = scenes.write_dataset(folder, src.generate, config.data.generate_styles,
                                        style=config.edit.style, seed=seed, size=config.data.resolution)
         images, masks, styles = folders["images"], folders["masks"], folders["styles"]
     else:
@@ -196,17 +204,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return opt
 
 
-def make_mesh(config) -> Mesh:
-    """1-D mesh ("data",) over the first ``mesh.data`` devices (-1: all, across hosts); params
-    are replicated over it, samples split along it."""
-    devices = jax.devices()
-    n = len(devices) if config.mesh.data == -1 else config.mesh.data
-    if not 1 <= n <= len(devices) or (jax.process_count() > 1 and n != len(devices)):
-        raise ValueError(f"mesh.data={config.mesh.data}: expected -1 (all) or 1..{len(devices)} devices"
-                         + (" (multi-host runs use all devices)" if jax.process_count() > 1 else ""))
-    return Mesh(np.asarray(devices[:n]), ("data",))
-
-
 def train(config, *, log=print, stop_after: int | None = None) -> dict:
     """Runs (or resumes) the configured training; returns the last update's metrics.
 
@@ -218,13 +215,13 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
         raise ValueError(f"method={config.method!r}: expected one of {sorted(METHODS)}")
     workdir = config.workdir
     os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(config)
-    replicate = lambda tree: jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    mesh = parallel.mesh_from_config(config)
+    fsdp = lambda tree: parallel.shard(tree, mesh, min_size=config.mesh.min_shard_size)
 
     pipe = build_pipeline(config, workdir)
     policy = build_policy(config, pipe)
-    pipe = dataclasses.replace(pipe, vae_params=replicate(pipe.vae_params))
-    policy = dataclasses.replace(policy, ref_params=replicate(policy.ref_params))
+    pipe = dataclasses.replace(pipe, vae_params=parallel.replicate(pipe.vae_params, mesh))
+    policy = dataclasses.replace(policy, ref_params=fsdp(policy.ref_params))
     optimizer = make_optimizer(config)
     scorer = build_scorer(config) if config.method == "d3po" else None  # (a process, maybe) stopped in `finally`
     try:
@@ -238,7 +235,7 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
     except BaseException:
         scorer and scorer.close()
         raise
-    state = replicate(init_train_state(policy.trainable, optimizer))
+    state = fsdp(init_train_state(policy.trainable, optimizer))  # restores keep these shardings (any mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     start = 0
     if config.resume and ckpt.latest_step() is not None:
@@ -251,8 +248,9 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
                disable=None if config.log.progress else True)  # None: only on a terminal
     echo = bar.write if not bar.disable and log is print else log
     logger = RunLogger(workdir, tensorboard=config.log.tensorboard, enabled=jax.process_index() == 0, echo=echo)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -301,11 +299,13 @@ def train(config, *, log=print, stop_after: int | None = None) -> dict:
                 logger.images(done, ph["grid"][0], image_grid(ph["grid"][1]))
             if done % config.checkpoint.every == 0 or done == config.train.updates or stop["signal"]:
                 save(done)
-            if done == config.train.updates and jax.process_index() == 0:
-                pipe.save_pretrained(os.path.join(workdir, "model"), model_params(state))
-                getattr(method, "write_model_extras", lambda folder, st: None)(os.path.join(workdir, "model"),
-                                                                                method.get_state())
-                echo(f"trained model: {os.path.join(workdir, 'model')} (python -m jaxedit.sample --checkpoint=...)")
+            if done == config.train.updates:
+                whole = jax.tree_util.tree_map(to_host, model_params(state))  # every host takes part
+                if jax.process_index() == 0:
+                    pipe.save_pretrained(os.path.join(workdir, "model"), whole)
+                    getattr(method, "write_model_extras", lambda folder, st: None)(os.path.join(workdir, "model"),
+                                                                                    method.get_state())
+                    echo(f"trained model: {os.path.join(workdir, 'model')} (python -m jaxedit.sample --checkpoint=...)")
             if stop["signal"]:
                 echo(f"received signal {stop['signal']}: saved update {done}, exiting")
                 break

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import hive_sft  # noqa: E402
 
-from jaxedit import train  # noqa: E402
+from jaxedit import parallel, train  # noqa: E402
 from jaxedit.rl import hive  # noqa: E402
 
 
@@ -139,7 +139,7 @@ def test_weighted_mode_weights_the_loss(uninterrupted, tmp_path):
 
 def test_sft_config_errors(uninterrupted, tmp_path):
     r, _ = uninterrupted
-    pipe, policy, mesh = r["pipeline"], r["policy"], train.make_mesh(tiny_config(tmp_path))
+    pipe, policy, mesh = r["pipeline"], r["policy"], parallel.mesh_from_config(tiny_config(tmp_path))
     make = lambda **kw: train.METHODS["sft"](tiny_config(tmp_path, **kw), pipe, policy, mesh, None)
     with pytest.raises(ValueError, match="hive.cycle: reversed triples have no reward"):
         make(**{"hive.cycle": True})

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxedit.diffusion.ddim import ddim_step_with_logprob
+from jaxedit.parallel import Layout
 from jaxedit.diffusion.schedules import Schedule
 from jaxedit.rl.update import (TrainState, accumulate, apply_if_finite, at_steps, chunked,  # noqa: F401
                                init_train_state, map_axes)
@@ -114,7 +115,8 @@ def _winner_loser(x, w):
 def make_update(denoise: Callable, optimizer: optax.GradientTransformation, schedule: Schedule, *,
                 beta: float = 0.1, clip_eps: float = 0.1, eta: float = 1.0,
                 steps_per_update: Optional[int] = None, merge: Optional[Callable] = None,
-                cond_axes: Any = 0, micro_batches: int = 1) -> Callable:
+                cond_axes: Any = 0, micro_batches: int = 1,
+                layout: Layout = Layout()) -> Callable:
     """Build the jitted D3PO update ``update(state, ref_params, batch, key) -> (state, metrics)``.
 
     denoise(params, cond, x (B,h,w,c), t (B,)) -> eps (B,h,w,c): the SAME function the sampler used
@@ -133,6 +135,8 @@ def make_update(denoise: Callable, optimizer: optax.GradientTransformation, sche
       ``SpecialistCond(0, 0, 0, None, None, None, None, None)``.
     micro_batches: M, split the P pairs into M chunks of P/M pairs evaluated one after the other
       (gradient accumulation when 2P samples' activations do not fit); same result up to rounding.
+    layout: where the weights, gradients and state live on the mesh (``jaxedit.parallel.Layout``:
+      FSDP; default: XLA chooses, as on one device).
 
     Each pair's two members get one shared random step order (``timestep_order(key, S, P, K)``);
     for each chunk, a ``lax.scan`` over the K trained steps evaluates the policy (forward +
@@ -180,8 +184,8 @@ def make_update(denoise: Callable, optimizer: optax.GradientTransformation, sche
         def step_loss(trainable, chunk, i):
             x_t, x_prev, cond, win, valid = chunk
             cond2 = map_axes(lambda l: jnp.concatenate([l, l]), cond_axes, cond)  # both members
-            ref_lp = jax.lax.stop_gradient(log_prob(ref_params, x_t, x_prev, batch.t, cond2, i))
-            lp = log_prob(merge(trainable, ref_params), x_t, x_prev, batch.t, cond2, i)
+            ref_lp = jax.lax.stop_gradient(log_prob(layout.gather(ref_params), x_t, x_prev, batch.t, cond2, i))
+            lp = log_prob(layout.gather(merge(trainable, ref_params)), x_t, x_prev, batch.t, cond2, i)
             return d3po_loss(*_winner_loser(lp, win), *_winner_loser(ref_lp, win), valid,
                              beta=beta, clip_eps=clip_eps)
 
@@ -191,11 +195,12 @@ def make_update(denoise: Callable, optimizer: optax.GradientTransformation, sche
         order = per_pair(timestep_order(key, steps, pairs, trained))        # (M, P/M, K)
         step_index = jnp.concatenate([order, order], axis=1).transpose(0, 2, 1)  # (M, K, 2P/M), both members
         z = jnp.zeros((pairs // m,), jnp.float32)
-        grads, metrics = accumulate(step_loss, state.params, chunks, step_index, d3po_loss(z, z, z, z, z)[1])
+        grads, metrics = accumulate(step_loss, state.params, chunks, step_index, d3po_loss(z, z, z, z, z)[1],
+                                    layout.fsdp)
         n_valid = metrics["frac_valid"] * pairs  # ties add exactly log 2 to the mean loss
         metrics["loss_valid"] = (metrics["loss"] * pairs - (pairs - n_valid) * math.log(2)) / jnp.maximum(n_valid, 1)
         new_state, grad_norm, skipped = apply_if_finite(state, optimizer, grads, metrics["loss"])
         metrics.update(grad_norm=grad_norm, skipped=skipped)
-        return new_state, metrics
+        return layout.fsdp(new_state), metrics
 
     return jax.jit(update, donate_argnums=0)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxedit.parallel import Layout
 from jaxedit.rl.update import accumulate, apply_if_finite, chunked
 
 #: Reward levels of the condition reward loss, spelled as HIVE's prompt does.
@@ -210,12 +211,14 @@ class SFTBatch:
 
 
 def make_update(apply_fn: Callable, optimizer: optax.GradientTransformation, alphas_cumprod, num_timesteps: int, *,
-                merge: Optional[Callable] = None, micro_batches: int = 1, dropout: float = 0.05) -> Callable:
+                merge: Optional[Callable] = None, micro_batches: int = 1, dropout: float = 0.05,
+                layout: Layout = Layout()) -> Callable:
     """The jitted supervised / HIVE update ``update(state, ref_params, batch, uncond, key) -> (state,
     metrics)``: conditioning dropout, t and ε drawn from ``key``, the (weighted) denoising loss of
     the N examples in ``micro_batches`` chunks, the mean gradient accumulated in the compiled
     function, ONE optimizer step (skipped when non-finite). merge(trainable, ref_params) -> U-Net
-    params (None: the trainable tree is the params). Metrics: loss (the optimised, weighted
+    params (None: the trainable tree is the params); layout: where the weights, gradients and
+    state live on the mesh (``jaxedit.parallel.Layout``; default: XLA chooses). Metrics: loss (the optimised, weighted
     loss), mse (unweighted), grad_norm, skipped, weight_max, drop_text, drop_image. State donated.
     """
     merge = merge if merge is not None else (lambda trainable, ref: trainable)
@@ -236,18 +239,19 @@ def make_update(apply_fn: Callable, optimizer: optax.GradientTransformation, alp
 
         def loss_fn(trainable, chunk, idx):
             z0, img, txt, tt, nz, ww = chunk
-            per = denoising_loss(apply_fn, merge(trainable, ref_params), z0, img, txt, tt, nz, alphas_cumprod)
+            per = denoising_loss(apply_fn, layout.gather(merge(trainable, ref_params)), z0, img, txt, tt, nz, alphas_cumprod)
             loss = jnp.mean(ww * per)
             return loss, {"loss": loss, "mse": jnp.mean(per)}
 
         chunks = tuple(chunked(x, m) for x in (batch.z0, image, text, t, noise, w))
         step_index = jnp.zeros((m, 1, n // m), jnp.int32)  # one "step" per chunk (accumulate's K = 1)
         zero = jnp.zeros((), jnp.float32)
-        grads, metrics = accumulate(loss_fn, state.params, chunks, step_index, {"loss": zero, "mse": zero})
+        grads, metrics = accumulate(loss_fn, state.params, chunks, step_index, {"loss": zero, "mse": zero},
+                                    layout.fsdp)
         new_state, grad_norm, skipped = apply_if_finite(state, optimizer, grads, metrics["loss"])
         metrics.update(grad_norm=grad_norm, skipped=skipped, weight_max=jnp.max(w),
                        drop_text=jnp.mean(drop_text.astype(jnp.float32)),
                        drop_image=jnp.mean(drop_image.astype(jnp.float32)))
-        return new_state, metrics
+        return layout.fsdp(new_state), metrics
 
     return jax.jit(update, donate_argnums=0)

@@ -17,6 +17,7 @@ import optax
 
 from jaxedit.diffusion.ddim import ddim_step_with_logprob
 from jaxedit.diffusion.schedules import Schedule
+from jaxedit.parallel import Layout
 from jaxedit.rl.update import accumulate, apply_if_finite, at_steps, chunked, init_train_state, map_axes  # noqa: F401
 
 
@@ -57,14 +58,16 @@ class PPOBatch:
 def make_update(denoise: Callable, optimizer: optax.GradientTransformation, schedule: Schedule, *,
                 clip_range: float = 1e-4, adv_clip: float = 5.0, eta: float = 1.0,
                 steps_per_update: Optional[int] = None, merge: Optional[Callable] = None,
-                cond_axes: Any = 0, micro_batches: int = 1) -> Callable:
+                cond_axes: Any = 0, micro_batches: int = 1,
+                layout: Layout = Layout()) -> Callable:
     """Build the jitted PPO update ``update(state, ref_params, batch, key) -> (state, metrics)``:
     ONE optimizer step (one PPO inner epoch; call it once per epoch with a new key).
 
     denoise: the sampler's denoiser (guidance included), taking per-sample timesteps, so the
       ratio is evaluated with the sampling guidance; merge(trainable, ref_params) -> its params
       (None: the trainable tree is the params; LoRA: the base params are ref_params); cond_axes:
-      as ``jaxedit.rl.d3po.make_update`` (0 = per-sample leaf, None = shared).
+      as ``jaxedit.rl.d3po.make_update`` (0 = per-sample leaf, None = shared); layout: where the
+      weights, gradients and state live on the mesh (``jaxedit.parallel.Layout``; default: XLA chooses).
     Each sample trains the first ``steps_per_update`` (default all S) steps of its own random
     step order (DDPO); the N samples are split into ``micro_batches`` chunks evaluated one after
     the other; the gradient of ``ppo_loss`` is accumulated (mean over chunks and steps) in the
@@ -96,7 +99,7 @@ def make_update(denoise: Callable, optimizer: optax.GradientTransformation, sche
         def step_loss(trainable, chunk, i):
             x_t, x_prev, old_lp, cond, adv = chunk
             xt, t = at_steps(x_t, i), batch.t[i]
-            eps = denoise(merge(trainable, ref_params), cond, xt, t)
+            eps = denoise(layout.gather(merge(trainable, ref_params)), cond, xt, t)
             lp = ddim_step_with_logprob(schedule, eps, t, xt, eta=eta, steps=steps, prev_sample=at_steps(x_prev, i))[1]
             return ppo_loss(lp, at_steps(old_lp, i), adv, clip_range=clip_range, adv_clip=adv_clip)
 
@@ -107,9 +110,9 @@ def make_update(denoise: Callable, optimizer: optax.GradientTransformation, sche
         order = jax.vmap(lambda k: jax.random.permutation(k, steps)[:trained])(jax.random.split(key, n))
         step_index = per_sample(order.astype(jnp.int32)).transpose(0, 2, 1)  # (M, K, N/M)
         z = jnp.zeros((n // m,), jnp.float32)
-        grads, metrics = accumulate(step_loss, state.params, chunks, step_index, ppo_loss(z, z, z)[1])
+        grads, metrics = accumulate(step_loss, state.params, chunks, step_index, ppo_loss(z, z, z)[1], layout.fsdp)
         new_state, grad_norm, skipped = apply_if_finite(state, optimizer, grads, metrics["loss"])
         metrics.update(grad_norm=grad_norm, skipped=skipped)
-        return new_state, metrics
+        return layout.fsdp(new_state), metrics
 
     return jax.jit(update, donate_argnums=0)

@@ -35,13 +35,15 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def accumulate(loss_fn: Callable, trainable, chunks, step_index, metrics_zero: dict):
+def accumulate(loss_fn: Callable, trainable, chunks, step_index, metrics_zero: dict,
+               pin: Callable = lambda tree: tree):
     """Mean gradient and mean metrics of ``loss_fn`` over M chunks x K trained steps.
 
     loss_fn(trainable, chunk, idx) -> (loss (), metrics {name: ()}): one step's loss on one chunk;
       idx (n,) int32 gives each of the chunk's n samples its trajectory step.
     chunks: pytree whose leaves have a leading M axis; step_index: (M, K, n) int32;
-    metrics_zero: a pytree like loss_fn's metrics (shapes and dtypes). Returns (grads (fp32, like
+    metrics_zero: a pytree like loss_fn's metrics (shapes and dtypes); pin: pins the gradient
+    accumulator's sharding (``jaxedit.parallel.Layout.fsdp``). Returns (grads (fp32, like
     trainable), metrics), both means over the M·K evaluations.
     """
     m, k = step_index.shape[:2]
@@ -54,13 +56,14 @@ def accumulate(loss_fn: Callable, trainable, chunks, step_index, metrics_zero: d
     def step(acc, args):
         chunk, idx = args
         (_, metrics), g = jax.value_and_grad(scaled, has_aux=True)(trainable, chunk, idx)
-        return _add(acc, (g, jax.tree_util.tree_map(lambda v: v * scale, metrics))), None
+        grads, metrics = _add(acc, (g, jax.tree_util.tree_map(lambda v: v * scale, metrics)))
+        return (pin(grads), metrics), None
 
     def chunk_body(acc, args):
         chunk, idx = args
         return jax.lax.scan(lambda a, i: step(a, (chunk, i)), acc, idx)[0], None
 
-    zeros = (jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable),
+    zeros = (pin(jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)),
              jax.tree_util.tree_map(lambda v: jnp.zeros(jnp.shape(v), jnp.float32), metrics_zero))
     return jax.lax.scan(chunk_body, zeros, (chunks, step_index))[0]
 

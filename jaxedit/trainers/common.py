@@ -4,7 +4,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from jaxedit.parallel import batch_sharding
 
 
 def to_host(x) -> np.ndarray:
@@ -13,13 +15,22 @@ def to_host(x) -> np.ndarray:
 
 
 def gather_examples(local: dict) -> dict:
-    """This host's loader batch -> the global batch (all hosts' examples, host order) on every host."""
+    """This host's loader batch (or scores) -> the global batch (all hosts' rows, host order) on every host."""
     return local if jax.process_count() == 1 else multihost_utils.process_allgather(local, tiled=True)
 
 
+def host_slice(n: int, host: int | None = None, hosts: int | None = None) -> slice:
+    """This host's contiguous share of ``n`` items (``n`` must be a multiple of the host count)."""
+    host = jax.process_index() if host is None else host
+    hosts = jax.process_count() if hosts is None else hosts
+    if n % hosts:
+        raise ValueError(f"{n} items cannot be split evenly over {hosts} hosts")
+    return slice(host * n // hosts, (host + 1) * n // hosts)
+
+
 def shard_batch(mesh: Mesh, *arrays):
-    """Per-host NumPy arrays -> global arrays split along the mesh's ``data`` axis."""
-    split = NamedSharding(mesh, PartitionSpec("data"))
+    """Per-host NumPy arrays -> global arrays split over all the mesh's devices (data × fsdp)."""
+    split = batch_sharding(mesh)
     return tuple(jax.make_array_from_process_local_data(split, a) for a in arrays)
 
 

@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit import parallel
 from jaxedit.data import images as imio
 from jaxedit.diffusion import guidance
 from jaxedit.diffusion.sampler import sample
 from jaxedit.rl import advantages, d3po
-from jaxedit.trainers.common import check_multiple, gather_examples, shard_batch, to_host
+from jaxedit.trainers.common import check_multiple, gather_examples, host_slice, shard_batch, to_host
 
 
 def _cond(pipe, config, image_latents, style_latents, text_emb, uncond):
@@ -40,7 +41,7 @@ def map_pairs(fn, axes, *conds):
                                   is_leaf=lambda x: x is None)
 
 
-def make_sampler(pipe, config):
+def make_sampler(pipe, config, layout: parallel.Layout = parallel.Layout()):
     """Jitted sampling phase of one call: P (image, style) examples -> 2P samples in pair layout.
 
     ``run(params, vae_params, image, style, text_emb, uncond, key)`` with image/style uint8
@@ -48,6 +49,7 @@ def make_sampler(pipe, config):
     Each pair's members start from the same x_T; the shardings of the inputs decide where it runs.
     """
     def run(params, vae_params, image, style, text_emb, uncond, key):
+        params = layout.gather(params)  # whole weights, samples split over the devices
         p = image.shape[0]
         image_latents = pipe.encode_images(imio.to_model(image), vae_params)
         style_latents = pipe.encode_images(imio.to_model(style), vae_params) if pipe.style else None
@@ -91,7 +93,8 @@ def batch_sizes(config, devices: int) -> tuple[int, int]:
 
 def sampling_phase(sampler, pipe, params, loader, calls: int, mesh, text_emb, uncond, key, scorer) -> dict:
     """``calls`` sampling calls, each scored while the next one samples -> the update's inputs,
-    2P samples in pair layout.
+    2P samples in pair layout. Every host gathers all samples and scores its own contiguous share
+    of them in its own scorer (process); the scores are then gathered on every host.
 
     Returns cond (P rows), x_t / x_prev (S, 2P, ...), t (S,), samples uint8 (2P,H,W,3), scores
     {name: (2P,)}, and the global examples (image, style, mask, index; P rows) as NumPy on every host.
@@ -103,11 +106,12 @@ def sampling_phase(sampler, pipe, params, loader, calls: int, mesh, text_emb, un
         cond, traj, x = sampler(params, pipe.vae_params, image, style, text_emb, uncond, jax.random.fold_in(key, c))
         samples = imio.from_model(to_host(x))
         ex = gather_examples(local)
-        two = lambda k: np.concatenate([ex[k], ex[k]])  # pair layout
-        out["requests"].append(scorer.submit(inputs=two("image"), generated=samples, styles=two("style"),
+        mine = host_slice(len(samples))  # each host's scorer scores its share of the samples
+        two = lambda k: np.concatenate([ex[k], ex[k]])[mine]  # pair layout
+        out["requests"].append(scorer.submit(inputs=two("image"), generated=samples[mine], styles=two("style"),
                                              masks=two("mask")))
         out["cond"].append(cond), out["traj"].append(traj), out["samples"].append(samples), out["examples"].append(ex)
-    scores = [scorer.result(r) for r in out["requests"]]
+    scores = [gather_examples(scorer.result(r)) for r in out["requests"]]
     return {"scores": {k: _pair_layout([s[k] for s in scores]) for k in scores[0]},
             "cond": map_pairs(lambda *cs: jnp.concatenate(cs), cond_axes(pipe), *out["cond"]),
             "x_t": _pair_layout([t.x_t for t in out["traj"]], axis=1, xp=jnp),
@@ -126,12 +130,14 @@ def heldout_metrics(config, scores: dict) -> dict:
     return out
 
 
-def make_step(config, pipe, policy, optimizer, pairs: int):
-    """The jitted D3PO update of ``pairs`` pairs as configured (`jaxedit.rl.d3po.make_update`)."""
+def make_step(config, pipe, policy, optimizer, pairs: int, mesh=None):
+    """The jitted D3PO update of ``pairs`` pairs as configured (`jaxedit.rl.d3po.make_update`);
+    with ``mesh``, its state and gradients are pinned to the FSDP shardings (`jaxedit.parallel`)."""
     t = config.train
     return d3po.make_update(pipe.denoise, optimizer, pipe.schedule, beta=t.beta, clip_eps=t.clip_eps,
                             eta=config.sample.eta, steps_per_update=max(1, int(config.sample.steps * t.timestep_fraction)),
-                            merge=policy.merge, cond_axes=cond_axes(pipe), micro_batches=pairs // t.micro_batch)
+                            merge=policy.merge, cond_axes=cond_axes(pipe), micro_batches=pairs // t.micro_batch,
+                            layout=parallel.layout(config, mesh))
 
 
 class D3PO:
@@ -144,11 +150,10 @@ class D3PO:
         self.config, self.pipe, self.mesh, self.scorer = config, pipe, mesh, scorer
         self.pairs_total, self.pairs_call = batch_sizes(config, mesh.size)
         self.examples_per_call = self.pairs_call  # global examples per sampling call
-        self.sampler = make_sampler(pipe, config)
-        self.step = make_step(config, pipe, policy, optimizer, self.pairs_total)
-        replicate = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        self.text_emb = replicate(pipe.encode_text([config.edit.instruction]))
-        self.uncond = replicate(pipe.encode_text([""]))
+        self.sampler = make_sampler(pipe, config, parallel.layout(config, mesh))
+        self.step = make_step(config, pipe, policy, optimizer, self.pairs_total, mesh)
+        self.text_emb = parallel.replicate(pipe.encode_text([config.edit.instruction]), mesh)
+        self.uncond = parallel.replicate(pipe.encode_text([""]), mesh)
 
     def collect(self, params, loader, key, calls: int | None = None) -> dict:
         calls = self.pairs_total // self.pairs_call if calls is None else calls

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit import parallel
 from jaxedit.data import images as imio
 from jaxedit.diffusion import guidance
 from jaxedit.diffusion.sampler import sample
@@ -27,7 +28,7 @@ from jaxedit.trainers.common import check_multiple, gather_examples, shard_batch
 COND_AXES = guidance.IP2PCond(0, 0, None, None, None)  # per-sample latents and instruction
 
 
-def make_sampler(pipe, config):
+def make_sampler(pipe, config, layout: parallel.Layout = parallel.Layout()):
     """Jitted sampling call: B (image, mask, instruction) examples -> B samples and their rewards.
 
     ``run(params, vae_params, image uint8 (B,H,W,3), mask (B,H,W), text_emb (B,77,D), token_weights
@@ -38,6 +39,7 @@ def make_sampler(pipe, config):
     denoise = pipe.attention_denoiser(r.attention_downsample)
 
     def run(params, vae_params, image, mask, text_emb, weights, uncond, key):
+        params = layout.gather(params)  # whole weights, samples split over the devices
         inputs = imio.to_model(image)
         latents = pipe.encode_images(inputs, vae_params)
         cond = guidance.IP2PCond(latents, text_emb, uncond[0], s.guidance_text, s.guidance_image)
@@ -51,12 +53,14 @@ def make_sampler(pipe, config):
     return jax.jit(run)
 
 
-def make_step(config, pipe, policy, optimizer, samples: int):
-    """The jitted PPO step over ``samples`` samples as configured (`jaxedit.rl.ppo.make_update`)."""
+def make_step(config, pipe, policy, optimizer, samples: int, mesh=None):
+    """The jitted PPO step over ``samples`` samples as configured (`jaxedit.rl.ppo.make_update`);
+    with ``mesh``, its state and gradients are pinned to the FSDP shardings (`jaxedit.parallel`)."""
     t = config.train
     return ppo.make_update(pipe.denoise, optimizer, pipe.schedule, clip_range=t.clip_range, adv_clip=t.adv_clip,
                            eta=config.sample.eta, steps_per_update=max(1, int(config.sample.steps * t.timestep_fraction)),
-                           merge=policy.merge, cond_axes=COND_AXES, micro_batches=samples // t.micro_batch)
+                           merge=policy.merge, cond_axes=COND_AXES, micro_batches=samples // t.micro_batch,
+                           layout=parallel.layout(config, mesh))
 
 
 def _gray(m, size=None) -> np.ndarray:
@@ -86,11 +90,10 @@ class PPO:
         self.per_step = self.total // t.minibatches
         check_multiple("samples per PPO step", self.per_step, t.micro_batch, context + f", {t.minibatches} minibatches")
         self.examples_per_call = self.per_call
-        self.sampler = make_sampler(pipe, config)
-        self.step = make_step(config, pipe, policy, optimizer, self.per_step)
+        self.sampler = make_sampler(pipe, config, parallel.layout(config, mesh))
+        self.step = make_step(config, pipe, policy, optimizer, self.per_step, mesh)
         self.tracker = PromptStatTracker(t.tracker_buffer, t.tracker_min_count)
-        self.uncond = jax.device_put(pipe.encode_text([""]),
-                                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        self.uncond = parallel.replicate(pipe.encode_text([""]), mesh)
 
     def _calls(self, params, batches, instructions, calls: int, key) -> dict:
         """``calls`` sampling calls on loader batches -> trajectories, rewards and examples of all

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit import parallel
 from jaxedit.data import images as imio
 from jaxedit.data import loader as data_loader
 from jaxedit.data import scenes
@@ -102,12 +103,13 @@ def make_prepare(pipe, config):
     return jax.jit(run)
 
 
-def make_evaluator(pipe, config):
+def make_evaluator(pipe, config, layout: parallel.Layout = parallel.Layout()):
     """Jitted ``run(params, vae_params, image, edited, text_emb, uncond, key)`` -> (edits float
     (B,H,W,3) in [-1,1], {metric: (B,)}) (see the module docstring)."""
     s, scale = config.sample, pipe.vae.config.scaling_factor
 
     def run(params, vae_params, image, edited, text_emb, uncond, key):
+        params = layout.gather(params)  # whole weights, samples split over the devices
         inputs, target_img = imio.to_model(image), imio.to_model(edited)
         latents = pipe.encode_images(inputs, vae_params)
         target = scale * pipe.encode_images(target_img, vae_params)
@@ -123,6 +125,15 @@ def make_evaluator(pipe, config):
                    "edit_progress": jnp.sum((x0 - a) * d, ax) / jnp.maximum(jnp.sum(d ** 2, ax), 1e-12),
                    "pixel_mse": jnp.mean((x - target_img) ** 2, ax)}
     return jax.jit(run)
+
+
+def make_step(config, pipe, policy, optimizer, examples: int, mesh=None):
+    """The jitted supervised / HIVE update of ``examples`` examples (`jaxedit.rl.hive.make_update`);
+    with ``mesh``, its state and gradients are pinned to the FSDP shardings (`jaxedit.parallel`)."""
+    return hive.make_update(lambda p, x, ts, ctx: pipe.unet.apply({"params": p}, x, ts, ctx), optimizer,
+                            pipe.schedule.alphas_cumprod, pipe.schedule.num_train_timesteps, merge=policy.merge,
+                            micro_batches=examples // config.train.micro_batch, dropout=config.hive.dropout,
+                            layout=parallel.layout(config, mesh))
 
 
 class SFT:
@@ -153,12 +164,9 @@ class SFT:
         check_multiple("train.samples_per_update", self.total, t.micro_batch, context)
         self.examples_per_call = self.per_call
         self.prepare = make_prepare(pipe, config)
-        self.step = hive.make_update(lambda p, x, ts, ctx: pipe.unet.apply({"params": p}, x, ts, ctx), optimizer,
-                                     pipe.schedule.alphas_cumprod, pipe.schedule.num_train_timesteps,
-                                     merge=policy.merge, micro_batches=self.total // t.micro_batch, dropout=h.dropout)
-        self.evaluator = make_evaluator(pipe, config)
-        self.uncond = jax.device_put(pipe.encode_text([""]),
-                                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        self.step = make_step(config, pipe, policy, optimizer, self.total, mesh)
+        self.evaluator = make_evaluator(pipe, config, parallel.layout(config, mesh))
+        self.uncond = parallel.replicate(pipe.encode_text([""]), mesh)
         self.thresholds: np.ndarray | None = None
 
     # ---- prompts
