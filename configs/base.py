@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.style_adapter = True        # 12-channel Specialists model with the style cross-attention adapter
     c.model.adapter_dim = 320
     c.model.adapter_heads = 8
-    c.model.remat = False               # rematerialise each U-Net block in the backward pass (less memory)
+    c.model.remat = "none"              # per-block remat in the backward pass: none | full | dots (less memory)
 
     c.edit = ml_collections.ConfigDict()
     c.edit.instruction = ""             # e.g. "make it snowy"

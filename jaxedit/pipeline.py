@@ -61,7 +61,7 @@ class EditPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, variant: str | None = None,
-                        remat: bool = False) -> "EditPipeline":
+                        remat: bool | str = False) -> "EditPipeline":
         """Loads a diffusers-format InstructPix2Pix folder (or one with ``style_adapter/``).
         ``dtype``: compute dtype (params stay fp32); ``remat``: see `with_remat`."""
         return cls._load(path, dtype=dtype, variant=variant).with_remat(remat)
@@ -86,9 +86,10 @@ class EditPipeline:
         return cls(ckpt.unet, ckpt.unet_params, ckpt.vae, ckpt.vae_params, ckpt.text_encoder,
                    ckpt.text_params, ckpt.tokenizer, schedule, ckpt.scheduler_config)
 
-    def with_remat(self, remat: bool = True) -> "EditPipeline":
+    def with_remat(self, remat: bool | str = "full") -> "EditPipeline":
         """The same model with each U-Net block rematerialised in the backward pass (activations
-        recomputed instead of stored: less memory, ~1/3 more compute); identical outputs."""
+        recomputed instead of stored: less memory, more compute; `unet.REMAT_POLICIES`); identical
+        outputs and gradients."""
         if self.unet.remat == remat:
             return self
         return dataclasses.replace(self, unet=self.unet.clone(remat=remat))

@@ -157,3 +157,12 @@ def test_bad_config_is_a_clear_error(tmp_path):
         train.train(tiny_config(tmp_path, **{"method": "dpo"}), log=lambda s: None)
     with pytest.raises(ValueError, match="score.models=.*missing .*depth-anything-v2-small"):
         train.train(tiny_config(tmp_path, **{"score.models": str(tmp_path)}), log=lambda s: None)
+
+
+def test_remat_and_bf16_reach_the_model(uninterrupted):
+    """model.remat / model.dtype configure the trained U-Net (remat's gradients: test_unet.py)."""
+    workdir, _ = uninterrupted
+    pipe = train.build_pipeline(tiny_config(workdir, **{"model.remat": "dots", "model.dtype": "bfloat16"}), str(workdir))
+    assert pipe.style and pipe.unet.remat == "dots" and pipe.unet.dtype == jax.numpy.bfloat16
+    assert {x.dtype for x in jax.tree_util.tree_leaves(pipe.denoiser_params)} == {np.dtype("float32")}  # fp32 master
+    assert train.build_pipeline(tiny_config(workdir), str(workdir)).unet.remat == "none"

@@ -165,9 +165,13 @@ def test_bf16_compute_and_remat_gradients(ip2p):
 
     def grad(m):
         return jax.jit(jax.grad(lambda p: jnp.mean(m.apply({"params": p}, *args) ** 2)))(params)
-    g, g_remat = grad(module), grad(unet.build(module.config, remat=True))
-    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_remat)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    g = grad(module)
+    for policy in (True, "dots"):
+        g_remat = grad(unet.build(module.config, remat=policy))
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_remat)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="remat='some': expected one of none, full, dots"):
+        unet.build(module.config, remat="some").init(jax.random.key(0), *module.dummy_inputs())
 
 
 def test_config_errors(ip2p, tmp_path):

@@ -78,7 +78,7 @@ class StyleConditionedUNet(nn.Module):
     unet_config: UNetConfig
     adapter_config: Config
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False               # the U-Net's per-block remat policy (`unet.REMAT_POLICIES`)
 
     def dummy_inputs(self):
         size = 2 ** (len(self.unet_config.block_out_channels) - 1)

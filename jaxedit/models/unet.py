@@ -284,16 +284,31 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         return res(1)(x, temb)
 
 
+#: Per-block rematerialisation (``remat``): what the backward pass keeps of each block's forward.
+#: "full" keeps only the block inputs (recomputes everything), "dots" keeps the matmul outputs
+#: (attention and linear layers) and recomputes convolutions, norms and activations.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_saveable}
+
+
+def remat_policy(remat: bool | str) -> str:
+    """``remat`` (a policy name, or False / True = "none" / "full") -> the policy name."""
+    name = {False: "none", True: "full"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+    return name
+
+
 class UNet2DConditionModel(nn.Module):
     """The denoiser: (sample (B,h,w,in_channels), timesteps (B,) or (), context (B,M,Dc)) -> eps (B,h,w,out).
 
     `dtype` is the compute dtype (params stay fp32); the output is fp32. `remat` rematerialises each
-    block in the backward pass. Cross-attention probabilities are sown in the ``attention_probs``
+    block in the backward pass (a `REMAT_POLICIES` name, or a bool). Cross-attention probabilities are sown in the ``attention_probs``
     collection when the caller makes it mutable.
     """
     config: Config
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     def dummy_inputs(self, batch: int = 1, size: int | None = None):
         cfg = self.config
@@ -305,7 +320,8 @@ class UNet2DConditionModel(nn.Module):
     def __call__(self, sample, timesteps, context):
         cfg, dtype = self.config, self.dtype
         n = len(cfg.block_out_channels)
-        block = nn.remat(UNetBlock) if self.remat else UNetBlock
+        policy = remat_policy(self.remat)
+        block = UNetBlock if policy == "none" else nn.remat(UNetBlock, policy=REMAT_POLICIES[policy])
         common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, use_linear_projection=cfg.use_linear_projection,
                       upcast=cfg.upcast_attention, dtype=dtype)
         b = sample.shape[0]
@@ -359,7 +375,7 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(h)
 
 
-def build(config: Config, dtype: Dtype = jnp.float32, remat: bool = False) -> UNet2DConditionModel:
+def build(config: Config, dtype: Dtype = jnp.float32, remat: bool | str = False) -> UNet2DConditionModel:
     return UNet2DConditionModel(config, dtype=dtype, remat=remat)
 
 

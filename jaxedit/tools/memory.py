@@ -1,7 +1,7 @@
 """What an update step needs in device memory, from XLA's own analysis of the compiled program.
 
     python -m jaxedit.tools.memory --config=configs/d3po_snow.py --unet=sd15 --micro_batch=1,2 \\
-        --mode=lora,full --remat=false,true --dtype=float32,bfloat16
+        --mode=lora,full --remat=none,full,dots --dtype=float32,bfloat16
 
 For each combination the configured method's update step (D3PO: ``micro_batch`` pairs, PPO:
 ``micro_batch`` samples, one micro-batch per step, ``sample.steps`` trajectory steps at
@@ -58,7 +58,7 @@ def unet_config(which: str, config) -> unet.Config:
     return unet.Config.from_dict(load.read_json(which))
 
 
-def abstract_pipeline(config, ucfg: unet.Config, dtype, remat: bool) -> EditPipeline:
+def abstract_pipeline(config, ucfg: unet.Config, dtype, remat: bool | str) -> EditPipeline:
     """An EditPipeline whose denoiser params are ShapeDtypeStructs (no VAE / text encoder)."""
     if config.model.style_adapter:
         acfg = style_adapter.Config(dim=config.model.adapter_dim, heads=config.model.adapter_heads,
@@ -85,7 +85,7 @@ def abstract_batch(config, pipe: EditPipeline, ucfg: unet.Config, n: int):
     return d3po.D3POBatch(f32(s, 2 * n, h, h, 4), f32(s, 2 * n, h, h, 4), t, cond, f32(n), f32(n))
 
 
-def analyse(config, ucfg: unet.Config, *, micro_batch: int, mode: str, remat: bool, dtype: str,
+def analyse(config, ucfg: unet.Config, *, micro_batch: int, mode: str, remat: bool | str, dtype: str,
             mesh: str = "1x1") -> dict:
     """Compile (not run) the update step for one setting -> per-device byte counts and compile time.
 
@@ -114,7 +114,7 @@ def analyse(config, ucfg: unet.Config, *, micro_batch: int, mode: str, remat: bo
     compiled = step.lower(state, ref, batch, key).compile()
     ma = compiled.memory_analysis()
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
-    out = {"method": config.method, "mode": mode, "remat": remat, "dtype": dtype, "micro_batch": micro_batch,
+    out = {"method": config.method, "mode": mode, "remat": unet.remat_policy(remat), "dtype": dtype, "micro_batch": micro_batch,
            "mesh": f"{data}x{fsdp}", "steps": config.sample.steps, "resolution": config.data.resolution,
            "trainable_gb": nbytes(policy.trainable) / 1e9, "frozen_gb": nbytes(ref) / 1e9,
            "arguments_gb": ma.argument_size_in_bytes / 1e9, "outputs_gb": ma.output_size_in_bytes / 1e9,
@@ -150,8 +150,10 @@ def fit(small: dict, large: dict, budget_gb: float) -> int:
     return b0 if per <= 0 else b0 + int((budget_gb - small["peak_gb"]) // per)
 
 
-def _bools(s: str) -> list[bool]:
-    return [v.strip().lower() in ("1", "true", "yes") for v in s.split(",")]
+def _bools(v: str) -> bool | str:
+    """A --remat entry: true/false (full/none) or a policy name."""
+    v = v.strip().lower()
+    return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(v, v)
 
 
 def main(argv):
@@ -168,14 +170,14 @@ def main(argv):
                                    f" --xla_force_host_platform_device_count={devices}").strip()
     ucfg = unet_config(f.unet, config)
     rows = []
-    for mesh, mode, remat, dtype, mb in itertools.product(meshes, f.mode.split(","), _bools(f.remat),
+    for mesh, mode, remat, dtype, mb in itertools.product(meshes, f.mode.split(","), [unet.remat_policy(_bools(r)) for r in f.remat.split(",")],
                                                           f.dtype.split(","), [int(b) for b in f.micro_batch.split(",")]):
         rows.append(analyse(config, ucfg, micro_batch=mb, mode=mode, remat=remat, dtype=dtype, mesh=mesh))
         print(json.dumps(rows[-1]), flush=True)
     budgets = [float(b) for b in f.budgets_gb.split(",")] if f.budgets_gb else []
     print(f"\n{'mesh':5} {'mode':5} {'remat':5} {'dtype':8} {'mb':>3} {'args GB':>8} {'temp GB':>8} {'peak GB':>8}")
     for r in rows:
-        print(f"{r['mesh']:5} {r['mode']:5} {r['remat']!s:5} {r['dtype']:8} {r['micro_batch']:>3} "
+        print(f"{r['mesh']:5} {r['mode']:5} {r['remat']:5} {r['dtype']:8} {r['micro_batch']:>3} "
               f"{r['arguments_gb']:>8.2f} {r['temporaries_gb']:>8.2f} {r['peak_gb']:>8.2f}")
     fits = []
     for key, group in itertools.groupby(rows, lambda r: (r["mesh"], r["mode"], r["remat"], r["dtype"])):
@@ -198,7 +200,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("micro_batch", "1,2", "comma-separated micro-batch sizes (pairs for D3PO, samples for PPO)")
     flags.DEFINE_string("mode", "lora,full", "comma-separated: lora, full")
     flags.DEFINE_string("mesh", "1x1", "comma-separated DATAxFSDP device meshes, e.g. 1x1,1x8 (micro_batch is per device)")
-    flags.DEFINE_string("remat", "false", "comma-separated booleans: per-block rematerialisation")
+    flags.DEFINE_string("remat", "none", "comma-separated per-block remat policies: none, full, dots (or false/true)")
     flags.DEFINE_string("dtype", "float32", "comma-separated compute dtypes: float32, bfloat16")
     flags.DEFINE_string("budgets_gb", "16,32,40,80", "device memory budgets for the largest-micro-batch table")
     flags.DEFINE_string("out", "", "write the rows as JSON here")
